@@ -1,0 +1,150 @@
+"""Dataclass configs <-> command line flags <-> YAML files.
+
+Every pipeline stage is configured by a dataclass whose fields carry a docstring (an attribute docstring,
+the string literal right below the field). This module turns such a dataclass into ``argparse`` flags (the
+docstring becomes the help text), reads YAML files that mirror the dataclass, and merges
+defaults < YAML < flags given on the command line.
+
+Flags accept both spellings, ``--learning_rate`` (Hugging Face style) and ``--learning-rate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from .errors import ClpError
+
+C = TypeVar("C")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> attribute docstring, read from the class source (and its bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _converter(tp: Any):
+    if tp in (int, float, str):
+        return tp
+    if tp is Path:
+        return Path
+    return str
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of dataclass ``cls``. Defaults are suppressed so that only given flags appear."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        help_text = docs.get(f.name, "")
+        if default is not None and default != [] and tp is not bool:
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        origin = get_origin(tp)
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is Literal:
+            kwargs["choices"] = list(get_args(tp))
+            kwargs["type"] = type(get_args(tp)[0])
+        elif origin in (list, tuple):
+            (item,) = get_args(tp)[:1] or (str,)
+            kwargs["nargs"] = "+"
+            kwargs["type"] = _converter(item)
+        else:
+            kwargs["type"] = _converter(tp)
+        parser.add_argument(*names, **kwargs)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ClpError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ClpError(f"config file {str(path)!r} must hold a mapping of field names to values")
+    return data
+
+
+def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
+    """Build ``cls`` from a mapping, rejecting unknown keys with a "did you mean" hint."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ClpError(f"unknown field {key!r} in {where}{hint}")
+    hints = typing.get_type_hints(cls)
+    coerced = {}
+    for key, value in values.items():
+        tp, _ = _unwrap_optional(hints[key])
+        if value is not None and tp is float and isinstance(value, (int, str)):
+            value = float(value)  # YAML reads 1e-3 as a string
+        coerced[key] = value
+    return cls(**coerced)
+
+
+def build_config(cls: type[C], args: argparse.Namespace, yaml_path: str | Path | None = None) -> C:
+    """Defaults < YAML file < flags given on the command line."""
+    values: dict[str, Any] = {}
+    if yaml_path:
+        values.update(load_yaml(yaml_path))
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return from_dict(cls, values, where=str(yaml_path) if yaml_path else "flags")
+
+
+def to_yaml(config: Any) -> str:
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return yaml.safe_dump({k: plain(v) for k, v in dataclasses.asdict(config).items()}, sort_keys=False)

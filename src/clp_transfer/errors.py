@@ -1,0 +1,18 @@
+"""User-facing errors.
+
+Every error a user can fix (bad path, incompatible models, existing output, ...) is a :class:`ClpError`.
+The CLI prints its message without a traceback and exits with status 2; library users can catch it.
+"""
+
+from __future__ import annotations
+
+
+class ClpError(Exception):
+    """An error caused by the user's input or environment, with a message that says how to fix it."""
+
+
+class UnknownNameError(ClpError, KeyError):
+    """A name that is not in a registry (methods, tasks, presets)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
