@@ -1,0 +1,397 @@
+"""The maths of the transfer: target embedding matrices from source rows and helper similarities.
+
+Pure tensor code, no file I/O, so every method can be tested on random matrices. Notation (shapes):
+
+- ``E_s``  source input embeddings            [V_s, d]
+- ``O_s``  source output embeddings (untied)   [V_s, d]  (``None`` when tied)
+- ``E_h``  helper input embeddings by target id [V_t, d_h]
+- shared target ids ``S`` (their source row is known), missing target ids ``M``.
+
+A *weighted* method gives every missing token a convex combination of the **source** rows of shared tokens,
+with weights from similarity in the **helper** space; the untied head gets the same weights applied to its
+own rows, so row ``i`` of every output matrix always belongs to target token ``i``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .errors import ClpError
+from .registry import Registry
+
+CHUNK = 1024  # missing tokens per similarity block: [CHUNK, |S|] floats at a time
+
+
+@dataclass
+class EmbeddingProblem:
+    """Inputs of a transfer method. All id tensors index target ids unless named otherwise."""
+
+    source_input: torch.Tensor
+    """E_s [V_s, d]."""
+    source_id: torch.Tensor
+    """[V_t] long: source row that target id i copies, or -1 when the token is new."""
+    target_rows: int
+    """Rows of the target matrices (>= V_t; extra rows are vocabulary padding)."""
+    source_output: torch.Tensor | None = None
+    """O_s [V_s, d] for untied heads, else None."""
+    helper_input: torch.Tensor | None = None
+    """E_h [V_t, d_h]: the helper's embeddings, indexed by target id (required by similarity methods)."""
+    pieces: list[list[int]] | None = None
+    """Per target id, the source ids of its pieces under the source vocabulary (required by FVT)."""
+    source_padding_ids: list[int] = field(default_factory=list)
+    """Source rows that no token uses (padding); their mean fills the target's padding rows."""
+
+    def __post_init__(self) -> None:
+        v_t = self.source_id.shape[0]
+        if self.target_rows < v_t:
+            raise ClpError(f"target_rows={self.target_rows} is smaller than the target vocabulary ({v_t})")
+        if self.helper_input is not None and self.helper_input.shape[0] < v_t:
+            raise ClpError(
+                f"helper embeddings have {self.helper_input.shape[0]} rows but the target tokenizer has {v_t} "
+                "tokens: the helper tokenizer does not match the helper model"
+            )
+        if self.source_output is not None and self.source_output.shape != self.source_input.shape:
+            raise ClpError("source input and output embeddings differ in shape")
+
+    @property
+    def shared(self) -> torch.Tensor:
+        return torch.nonzero(self.source_id >= 0).flatten()
+
+    @property
+    def missing(self) -> torch.Tensor:
+        return torch.nonzero(self.source_id < 0).flatten()
+
+
+@dataclass
+class NewRows:
+    """What a method returns for the missing ids (in the order of ``problem.missing``)."""
+
+    input: torch.Tensor
+    """[|M|, d] new input rows."""
+    output: torch.Tensor | None = None
+    """[|M|, d] new output rows (untied heads only)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Method-specific statistics for the report."""
+
+
+@dataclass
+class EmbeddingSolution:
+    input: torch.Tensor
+    """[target_rows, d] target input embeddings, in the source dtype."""
+    output: torch.Tensor | None
+    """[target_rows, d] target output embeddings for untied heads."""
+    stats: dict[str, Any]
+
+
+@dataclass
+class MethodSpec:
+    fn: Callable[..., NewRows]
+    description: str
+    needs_helper: bool = False
+    needs_pieces: bool = False
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS: Registry[MethodSpec] = Registry("transfer method")
+
+
+def register(name: str, description: str, needs_helper: bool = False, needs_pieces: bool = False, **defaults):
+    def deco(fn):
+        METHODS.add(name, MethodSpec(fn, description, needs_helper, needs_pieces, dict(defaults)))
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+def sparsemax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Euclidean projection of ``z`` onto the probability simplex (Martins & Astudillo 2016): sparse weights."""
+    z_sorted, _ = torch.sort(z, dim=dim, descending=True)
+    cumsum = z_sorted.cumsum(dim) - 1
+    k = torch.arange(1, z.shape[dim] + 1, device=z.device, dtype=z.dtype)
+    shape = [1] * z.dim()
+    shape[dim] = -1
+    k = k.view(shape)
+    support = (k * z_sorted > cumsum).to(z.dtype)
+    k_z = support.sum(dim=dim, keepdim=True)
+    tau = cumsum.gather(dim, (k_z - 1).long()) / k_z
+    return torch.clamp(z - tau, min=0)
+
+
+def _cosine_blocks(helper: torch.Tensor, missing: torch.Tensor, shared: torch.Tensor, center: bool = False):
+    """Yield (slice, cos [c, |S|]) blocks of cosines between missing and shared tokens in the helper space."""
+    h = helper.float()
+    if center:
+        h = h - h[shared].mean(0, keepdim=True)
+    h = torch.nn.functional.normalize(h, dim=-1)
+    h_shared = h[shared]  # [|S|, d_h]
+    for start in range(0, len(missing), CHUNK):
+        sl = slice(start, start + CHUNK)
+        yield sl, h[missing[sl]] @ h_shared.T  # [c, |S|]
+
+
+def _combine(weights_idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[i, j] · rows[weights_idx[i, j]]  -> [c, d] (sparse weights as index/value pairs)."""
+    return torch.einsum("ck,ckd->cd", weights, rows[weights_idx].float())
+
+
+def _apply_weights(problem: EmbeddingProblem, weight_fn, center: bool = False) -> NewRows:
+    """Run ``weight_fn(cos [c, |S|]) -> (idx [c, k], w [c, k])`` block by block and combine source rows."""
+    shared, missing = problem.shared, problem.missing
+    src_of_shared = problem.source_id[shared]
+    e_rows = problem.source_input[src_of_shared]  # [|S|, d]
+    o_rows = problem.source_output[src_of_shared] if problem.source_output is not None else None
+    d = problem.source_input.shape[1]
+    new_in = torch.empty(len(missing), d, dtype=torch.float32)
+    new_out = torch.empty(len(missing), d, dtype=torch.float32) if o_rows is not None else None
+    support, max_w, neg = [], [], 0
+    for sl, cos in _cosine_blocks(problem.helper_input, missing, shared, center=center):
+        idx, w = weight_fn(cos)
+        new_in[sl] = _combine(idx, w, e_rows)
+        if new_out is not None:
+            new_out[sl] = _combine(idx, w, o_rows)
+        support.append((w != 0).sum(1).float())
+        max_w.append(w.max(1).values)
+        neg += int((w < 0).sum())
+    info = {}
+    if support:
+        info = {
+            "mean_support": float(torch.cat(support).mean()),
+            "mean_max_weight": float(torch.cat(max_w).mean()),
+            "negative_weights": neg,
+        }
+    return NewRows(new_in, new_out, info)
+
+
+def _rescale_norms(rows: torch.Tensor, target_norm: torch.Tensor) -> torch.Tensor:
+    norms = rows.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return rows * (target_norm / norms)
+
+
+# --------------------------------------------------------------------------------------------- methods
+
+
+@register("clp-original", "the published CLP rule: signed cosine weights over all shared tokens / their sum",
+          needs_helper=True)
+def clp_original(problem: EmbeddingProblem, generator: torch.Generator | None = None) -> NewRows:
+    # Reproduced exactly, defects included: signed weights, dense over every shared token, no normalisation
+    # of the sum's sign. Kept for comparison.
+    def weights(cos: torch.Tensor):
+        w = cos / cos.sum(dim=1, keepdim=True)
+        idx = torch.arange(cos.shape[1]).expand_as(cos)
+        return idx, w
+
+    return _apply_weights(problem, weights)
+
+
+@register("clp", "CLP with sparse convex weights: top-k softmax (or sparsemax) over helper cosines",
+          needs_helper=True, weighting="topk_softmax", top_k=10, temperature=0.05, rescale_norms=False,
+          center=False)
+def clp(
+    problem: EmbeddingProblem,
+    generator: torch.Generator | None = None,
+    weighting: str = "topk_softmax",
+    top_k: int = 10,
+    temperature: float = 0.05,
+    rescale_norms: bool = False,
+    center: bool = False,
+) -> NewRows:
+    """Weights over the ``top_k`` most similar shared tokens (in the helper space).
+
+    ``weighting``: ``topk_softmax`` = softmax(cos / temperature) over the top-k; ``sparsemax`` = sparsemax
+    of cos / temperature over all shared tokens (sparse by construction); ``topk_uniform`` = plain mean of
+    the top-k. Weights are non-negative and sum to one, so new rows stay inside the cloud of source rows.
+    ``rescale_norms`` scales each new row to the weighted mean norm of the rows it mixes (averaging shrinks
+    norms). ``center`` subtracts the mean helper vector before cosines.
+    """
+    if temperature <= 0:
+        raise ClpError("temperature must be positive")
+    n_shared = int((problem.source_id >= 0).sum())
+    k = max(1, min(top_k, n_shared))
+
+    def weights(cos: torch.Tensor):
+        if weighting == "topk_softmax":
+            vals, idx = cos.topk(k, dim=1)
+            return idx, torch.softmax(vals / temperature, dim=1)
+        if weighting == "topk_uniform":
+            _, idx = cos.topk(k, dim=1)
+            return idx, torch.full(idx.shape, 1.0 / k)
+        if weighting == "sparsemax":
+            w = sparsemax(cos / temperature)
+            kk = max(1, int((w > 0).sum(1).max()))
+            vals, idx = w.topk(kk, dim=1)
+            return idx, vals / vals.sum(1, keepdim=True)
+        raise ClpError(f"unknown weighting {weighting!r}; choose topk_softmax, topk_uniform or sparsemax")
+
+    rows = _apply_weights(problem, weights, center=center)
+    if rescale_norms:
+        # Target norm of each new row: the weighted mean norm of its source rows, recomputed block-wise.
+        shared = problem.shared
+        src = problem.source_id[shared]
+        norms_in = problem.source_input[src].float().norm(dim=-1)
+        norms_out = problem.source_output[src].float().norm(dim=-1) if problem.source_output is not None else None
+        missing = problem.missing
+        for sl, cos in _cosine_blocks(problem.helper_input, missing, shared, center=center):
+            idx, w = weights(cos)
+            rows.input[sl] = _rescale_norms(rows.input[sl], (w * norms_in[idx]).sum(1, keepdim=True))
+            if rows.output is not None:
+                rows.output[sl] = _rescale_norms(rows.output[sl], (w * norms_out[idx]).sum(1, keepdim=True))
+    return rows
+
+
+@register("fvt", "fast vocabulary transfer: mean of the source rows of the token's pieces under the source "
+          "vocabulary", needs_pieces=True)
+def fvt(problem: EmbeddingProblem, generator: torch.Generator | None = None) -> NewRows:
+    missing = problem.missing.tolist()
+    shared_src = problem.source_id[problem.shared]
+    mean_in = problem.source_input[shared_src].float().mean(0)
+    mean_out = problem.source_output[shared_src].float().mean(0) if problem.source_output is not None else None
+    d = problem.source_input.shape[1]
+    new_in = torch.empty(len(missing), d)
+    new_out = torch.empty(len(missing), d) if mean_out is not None else None
+    fallback = 0
+    for r, tid in enumerate(missing):
+        ids = problem.pieces[tid] if problem.pieces else []
+        if ids:
+            new_in[r] = problem.source_input[ids].float().mean(0)
+            if new_out is not None:
+                new_out[r] = problem.source_output[ids].float().mean(0)
+        else:  # no source piece covers it (e.g. a byte the source lacks): the mean shared row
+            fallback += 1
+            new_in[r] = mean_in
+            if new_out is not None:
+                new_out[r] = mean_out
+    return NewRows(new_in, new_out, {"no_pieces_fallback": fallback})
+
+
+@register("mean", "every new token gets the mean of the shared source rows")
+def mean_init(problem: EmbeddingProblem, generator: torch.Generator | None = None) -> NewRows:
+    shared_src = problem.source_id[problem.shared]
+    m = len(problem.missing)
+    new_in = problem.source_input[shared_src].float().mean(0).expand(m, -1).clone()
+    new_out = None
+    if problem.source_output is not None:
+        new_out = problem.source_output[shared_src].float().mean(0).expand(m, -1).clone()
+    return NewRows(new_in, new_out)
+
+
+def random_std(init: str, rows: int, dim: int, std: float) -> float:
+    if init == "small_init":  # Nguyen & Salazar (2019), as used by GPT-NeoX
+        return math.sqrt(2.0 / (5.0 * dim))
+    if init == "xavier_normal":
+        return math.sqrt(2.0 / (rows + dim))
+    if init == "normal":
+        return std
+    raise ClpError(f"unknown random init {init!r}; choose small_init, xavier_normal or normal")
+
+
+@register("random", "random new rows (the study project's baselines: small_init, xavier_normal, normal)",
+          init="small_init", std=0.02)
+def random_init(
+    problem: EmbeddingProblem, generator: torch.Generator | None = None, init: str = "small_init", std: float = 0.02
+) -> NewRows:
+    m, d = len(problem.missing), problem.source_input.shape[1]
+    s = random_std(init, problem.target_rows, d, std)
+    new_in = torch.randn(m, d, generator=generator) * s
+    new_out = torch.randn(m, d, generator=generator) * s if problem.source_output is not None else None
+    return NewRows(new_in, new_out, {"std": s})
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+def method_params(name: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The method's defaults overridden by ``params``; unknown parameter names are an error."""
+    spec = METHODS.get(name)
+    merged = dict(spec.defaults)
+    for k, v in (params or {}).items():
+        if k not in spec.defaults:
+            known = ", ".join(spec.defaults) or "none"
+            raise ClpError(f"method {name!r} has no parameter {k!r} (known: {known})")
+        merged[k] = _coerce(v, spec.defaults[k], k)
+    return merged
+
+
+def _coerce(value: Any, default: Any, name: str) -> Any:
+    """Cast a user value (possibly a command-line string) to the type of the parameter's default."""
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ClpError(f"parameter {name!r} takes true or false, not {value!r}")
+        return bool(value)
+    if default is None:
+        return value
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise ClpError(f"parameter {name!r} takes a {type(default).__name__}, not {value!r}") from None
+
+
+def compute_target_embeddings(
+    problem: EmbeddingProblem, method: str = "clp", params: dict[str, Any] | None = None, seed: int = 0
+) -> EmbeddingSolution:
+    """Target input (and untied output) embeddings: shared rows copied, missing rows from ``method``.
+
+    Row ``i`` of each returned matrix belongs to target token ``i``; rows past the vocabulary (padding)
+    get the mean of the source's padding rows, or zeros. The result has the source's dtype.
+    """
+    spec = METHODS.get(method)
+    kwargs = method_params(method, params)
+    if spec.needs_helper and problem.helper_input is None:
+        raise ClpError(f"method {method!r} needs the helper model's embeddings")
+    if spec.needs_pieces and problem.pieces is None:
+        raise ClpError(f"method {method!r} needs the decomposition of target tokens into source pieces")
+    shared, missing = problem.shared, problem.missing
+    if len(shared) == 0:
+        raise ClpError(
+            "the source and target vocabularies share no token, so nothing anchors the new embeddings; "
+            "check that the helper is a model of a related script and tokenizer family"
+        )
+    dtype, d = problem.source_input.dtype, problem.source_input.shape[1]
+    v_t = problem.source_id.shape[0]
+    # A private generator: the global RNG state neither influences nor is influenced by the transfer.
+    gen = torch.Generator().manual_seed(seed)
+    rows = spec.fn(problem, generator=gen, **kwargs) if len(missing) else NewRows(torch.empty(0, d))
+
+    def assemble(source: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
+        out = torch.zeros(problem.target_rows, d, dtype=torch.float32)
+        out[shared] = source[problem.source_id[shared]].float()
+        if len(missing):
+            out[missing] = new
+        if problem.target_rows > v_t and problem.source_padding_ids:
+            out[v_t:] = source[problem.source_padding_ids].float().mean(0)
+        return out.to(dtype)
+
+    target_in = assemble(problem.source_input, rows.input)
+    target_out = assemble(problem.source_output, rows.output) if problem.source_output is not None else None
+    if not torch.isfinite(target_in).all() or (target_out is not None and not torch.isfinite(target_out).all()):
+        raise ClpError(f"method {method!r} produced non-finite embeddings")
+
+    def norm(x: torch.Tensor) -> float:
+        return float(x.float().norm(dim=-1).mean()) if len(x) else float("nan")
+
+    shared_norm = norm(target_in[shared])
+    stats = {
+        "method": method,
+        "params": kwargs,
+        "target_vocab_size": v_t,
+        "target_rows": problem.target_rows,
+        "shared": len(shared),
+        "missing": len(missing),
+        "mean_norm_shared_rows": shared_norm,
+        "mean_norm_new_rows": norm(target_in[missing]),
+        "norm_ratio_new_to_shared": norm(target_in[missing]) / shared_norm if len(missing) else None,
+        **rows.info,
+    }
+    if target_out is not None and len(missing):
+        stats["norm_ratio_new_to_shared_output"] = norm(target_out[missing]) / norm(target_out[shared])
+    return EmbeddingSolution(target_in, target_out, stats)

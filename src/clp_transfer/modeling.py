@@ -1,0 +1,321 @@
+"""Finding, checking and reading models safely: local HF directories, hub ids and GGUF files.
+
+Every model the transfer reads is turned into a local Hugging Face directory with safetensors weights
+(a GGUF file is dequantised once and cached; a pickle checkpoint is converted only when the user allows
+pickle). The embedding matrices are then read tensor by tensor, without instantiating the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .atomic import atomic_directory
+from .errors import ClpError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+WEIGHTS = "model.safetensors"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``$CLP_TRANSFER_CACHE`` or ``~/.cache/clp-transfer``)."""
+    return Path(os.environ.get("CLP_TRANSFER_CACHE", Path.home() / ".cache" / "clp-transfer"))
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, fp32 elsewhere (bf16 autocast is slow on most CPUs)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class ModelFiles:
+    """A local HF model directory whose weights are safetensors."""
+
+    path: Path
+    """The directory (config.json, tokenizer files, *.safetensors)."""
+    origin: str
+    """What the user named (path, hub id or .gguf file)."""
+    kind: str
+    """'safetensors', 'gguf' (converted) or 'pickle' (converted, only with allow_pickle)."""
+
+
+def _has_safetensors(d: Path) -> bool:
+    return (d / WEIGHTS).is_file() or (d / WEIGHTS_INDEX).is_file()
+
+
+def _pickle_files(d: Path) -> list[Path]:
+    return sorted(list(d.glob("pytorch_model*.bin")) + list(d.glob("*.pt")) + list(d.glob("*.pth")))
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike,
+    what: str = "model",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> ModelFiles:
+    """Turn what the user named into a local safetensors directory, or fail with a clear message."""
+    name = str(name_or_path)
+    p = Path(name).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelFiles(gguf_to_hf(p, trust_remote_code=trust_remote_code), name, "gguf")
+    if p.is_file():
+        raise ClpError(f"{what} {name!r} is a file; give a model directory or a .gguf file")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelFiles(gguf_to_hf(ggufs[0], trust_remote_code=trust_remote_code), name, "gguf")
+            raise ClpError(f"{what} directory {name!r} has no config.json: not a Hugging Face model directory")
+        if _has_safetensors(p):
+            return ModelFiles(p, name, "safetensors")
+        pickles = _pickle_files(p)
+        if pickles:
+            if not allow_pickle:
+                raise ClpError(
+                    f"{what} {name!r} only has pickle weights ({pickles[0].name}); loading pickle can run "
+                    "arbitrary code. Convert it to safetensors, or pass --allow-pickle if you trust the file"
+                )
+            return ModelFiles(pickle_to_safetensors(p, trust_remote_code), name, "pickle")
+        raise ClpError(f"{what} directory {name!r} holds no weights (no *.safetensors)")
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return ModelFiles(download_from_hub(name, what), name, "safetensors")
+    raise ClpError(f"{what} {name!r} does not exist")
+
+
+def download_from_hub(repo_id: str, what: str = "model") -> Path:
+    """Fetch config, tokenizer and safetensors weights of a hub model (never pickle files)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            repo_id,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+        )
+    except Exception as e:  # offline, unknown repo, gated model, ...
+        raise ClpError(
+            f"{what} {repo_id!r} is not a local path and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download it first and pass "
+            "the local directory"
+        ) from None
+    d = Path(local)
+    if not _has_safetensors(d):
+        raise ClpError(f"{what} {repo_id!r} has no safetensors weights on the hub; convert it first")
+    return d
+
+
+def _cache_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike | None = None,
+               trust_remote_code: bool = False) -> Path:
+    """Dequantise a GGUF file into a float32 safetensors HF directory (cached; needs the ``gguf`` package)."""
+    gguf_path = Path(gguf_path)
+    out = Path(output_dir) if output_dir else cache_dir() / "gguf" / f"{gguf_path.stem}-{_cache_key(gguf_path)}"
+    if _has_safetensors(out) and (out / "config.json").is_file():
+        return out
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ClpError("reading .gguf files needs the 'gguf' package: pip install 'clp-transfer[gguf]'") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s (once; cached in %s)", gguf_path, out)
+    kw = dict(gguf_file=gguf_path.name, trust_remote_code=trust_remote_code)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    except Exception as e:
+        raise ClpError(f"could not read GGUF file {str(gguf_path)!r}: {e}") from e
+    # The config of a GGUF load remembers the quantisation; rebuild a plain model so it saves as safetensors.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict(), strict=False)
+    plain.tie_weights()
+    del loaded
+    with atomic_directory(out, overwrite=True) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def pickle_to_safetensors(model_dir: Path, trust_remote_code: bool = False) -> Path:
+    """Convert a pickle checkpoint the user allowed into a cached safetensors directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = _cache_key(_pickle_files(model_dir)[0])
+    out = cache_dir() / "converted" / f"{model_dir.name}-{key}"
+    if _has_safetensors(out):
+        return out
+    log.warning("loading pickle weights from %s because --allow-pickle was given", model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, use_safetensors=False, trust_remote_code=trust_remote_code
+    )
+    with atomic_directory(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        with contextlib.suppress(Exception):
+            AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
+        for f in ("generation_config.json",):
+            if (model_dir / f).is_file() and not (tmp / f).is_file():
+                (tmp / f).write_bytes((model_dir / f).read_bytes())
+    return out
+
+
+class SafetensorsCheckpoint:
+    """Tensor-by-tensor access to the safetensors weights of a model directory."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self._safe_open = safe_open
+        self.path = Path(path)
+        if (self.path / WEIGHTS_INDEX).is_file():
+            index = json.loads((self.path / WEIGHTS_INDEX).read_text())
+            self.weight_map: dict[str, str] = index["weight_map"]
+            self.metadata = index.get("metadata", {})
+        elif (self.path / WEIGHTS).is_file():
+            with safe_open(self.path / WEIGHTS, "pt") as f:
+                self.weight_map = {k: WEIGHTS for k in f.keys()}
+            self.metadata = {}
+        else:
+            raise ClpError(f"no safetensors weights in {str(self.path)!r}")
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    @property
+    def files(self) -> list[str]:
+        return list(dict.fromkeys(self.weight_map.values()))
+
+    def get(self, key: str) -> torch.Tensor:
+        with self._safe_open(self.path / self.weight_map[key], "pt") as f:
+            return f.get_tensor(key)
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Shape of every tensor, read from the file headers only."""
+        out: dict[str, list[int]] = {}
+        for file in self.files:
+            with self._safe_open(self.path / file, "pt") as f:
+                for k in f.keys():
+                    out[k] = list(f.get_slice(k).get_shape())
+        return out
+
+    def iter_file(self, file: str) -> Iterator[tuple[str, torch.Tensor]]:
+        with self._safe_open(self.path / file, "pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+
+    def file_metadata(self, file: str) -> dict[str, str]:
+        with self._safe_open(self.path / file, "pt") as f:
+            return f.metadata() or {}
+
+
+@dataclass
+class EmbeddingKeys:
+    """Where a checkpoint keeps its vocabulary-sized tensors."""
+
+    input: str
+    """Key of the input embedding matrix."""
+    output: str | None
+    """Key of the output head when the checkpoint stores one apart from the input embeddings, else None.
+    A tied model may still store a copy of it; that copy is rewritten too."""
+    tied: bool
+    """Whether the model ties its output head to the input embeddings."""
+    output_bias: str | None = None
+    """Key of the output head's bias, for the few models that have one."""
+
+
+def _match_key(param_name: str, keys: list[str]) -> str | None:
+    if param_name in keys:
+        return param_name
+    # Checkpoints may omit or add the base-model prefix (e.g. 'transformer.wte.weight' vs 'wte.weight').
+    parts = param_name.split(".")
+    for i in range(1, len(parts)):
+        suffix = ".".join(parts[i:])
+        hits = [k for k in keys if k == suffix or k.endswith("." + suffix)]
+        if len(hits) == 1:
+            return hits[0]
+    return None
+
+
+def is_tied(config: Any) -> bool:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+
+
+def find_embedding_keys(model_dir: str | os.PathLike, checkpoint: SafetensorsCheckpoint | None = None,
+                        trust_remote_code: bool = False) -> EmbeddingKeys:
+    """Locate the embedding tensors by building the model on the meta device (costs no memory)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ckpt = checkpoint or SafetensorsCheckpoint(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ClpError(f"{str(model_dir)!r} is not a causal language model that transformers knows: {e}") from e
+    named = list(model.named_parameters(remove_duplicate=False))
+    in_weight = model.get_input_embeddings().weight
+    in_name = next(n for n, p in named if p is in_weight)
+    tied = is_tied(config)
+    keys = ckpt.keys()
+    in_key = _match_key(in_name, keys)
+    if in_key is None:
+        raise ClpError(f"cannot find the input embeddings ({in_name}) in the checkpoint of {str(model_dir)!r}")
+    out_key = bias_key = None
+    out_mod = model.get_output_embeddings()
+    if out_mod is not None:
+        out_names = [n for n, p in named if p is out_mod.weight and n != in_name]
+        if out_names:
+            out_key = _match_key(out_names[-1], keys)
+        if out_key == in_key:
+            out_key = None
+        if getattr(out_mod, "bias", None) is not None:
+            bias_key = _match_key(next(n for n, p in named if p is out_mod.bias), keys)
+        if out_key is None:
+            # The checkpoint may spell the head differently from the module (transformers renames some
+            # on load, e.g. GPT-NeoX 'embed_out' -> 'lm_head'): fall back to the one other matrix of the
+            # embedding's shape.
+            shapes = ckpt.shapes()
+            same = [k for k, s in shapes.items() if k != in_key and s == shapes[in_key]]
+            if len(same) == 1:
+                out_key = same[0]
+    if not tied and out_key is None:
+        raise ClpError(f"untied model {str(model_dir)!r} has no output head in its checkpoint")
+    return EmbeddingKeys(in_key, out_key, tied, bias_key)
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, what: str = "model"):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ClpError(f"cannot load a tokenizer for {what} from {str(path)!r}: {type(e).__name__}: {e}") from e

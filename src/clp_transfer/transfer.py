@@ -1,0 +1,397 @@
+"""``transfer``: a source model + a target-language helper -> a target-language model.
+
+File I/O around :mod:`clp_transfer.methods`:
+
+1. resolve source and helper to local safetensors directories (GGUF and hub ids included);
+2. read the three small things the maths needs: source embeddings (and untied head), helper embeddings,
+   and the two vocabularies — never the whole models;
+3. match vocabularies canonically (:mod:`clp_transfer.tokens`) and compute the new matrices;
+4. copy the source checkpoint shard by shard with the embedding tensors replaced, write config, tokenizer and
+   ``transfer_report.json`` into a temporary directory and rename it into place.
+
+Peak memory is about the embedding matrices plus the largest shard, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .atomic import atomic_directory, check_output_path
+from .config import add_dataclass_arguments, build_config
+from .errors import ClpError
+from .methods import METHODS, EmbeddingProblem, EmbeddingSolution, compute_target_embeddings
+from .modeling import (
+    WEIGHTS_INDEX,
+    EmbeddingKeys,
+    ModelFiles,
+    SafetensorsCheckpoint,
+    find_embedding_keys,
+    load_tokenizer,
+    resolve_model,
+)
+from .tokens import TokenMatch, VocabInfo, decompose, match_vocabularies
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "transfer_report.json"
+
+
+@dataclass
+class TransferConfig:
+    """Everything ``clp-transfer transfer`` takes."""
+
+    source: str
+    """Source model: local HF directory, hub id or .gguf file (large, other language)."""
+    helper: str
+    """Helper model in the target language (small); its tokenizer becomes the target tokenizer."""
+    output: str
+    """Output directory for the target model."""
+    helper_tokenizer: str | None = None
+    """Tokenizer of the helper when it is not stored with the helper model."""
+    method: str = "clp"
+    """Initialisation of the new tokens' rows (see `clp-transfer transfer --list-methods`)."""
+    params: list[str] = field(default_factory=list)
+    """Method parameters as key=value, e.g. --params top_k=20 temperature=0.1."""
+    seed: int = 0
+    """Seed of the method's private random generator (the global RNG is not touched)."""
+    canonical_matching: bool = True
+    """Match tokens by canonical bytes across tokenizer families; --no-canonical_matching uses raw strings."""
+    transfer_untied_head: bool = True
+    """Give untied output heads the rows of their own tokens. --no-transfer_untied_head reproduces the
+    original implementation's defect (head rows left in source positions), for ablations only."""
+    pad_to_multiple_of: int | None = None
+    """Pad the target vocabulary rows to a multiple of this (default: as the source, when it was padded)."""
+    overwrite: bool = False
+    """Replace an existing output directory."""
+    allow_pickle: bool = False
+    """Allow reading pickle checkpoints (*.bin); unsafe for files you do not trust."""
+    trust_remote_code: bool = False
+    """Allow models whose code lives in their repository."""
+
+
+@dataclass
+class TransferResult:
+    """What :func:`transfer` returns: where the model is, its report, and loaders."""
+
+    path: Path
+    report: dict[str, Any]
+
+    def load_model(self, dtype: torch.dtype | None = torch.float32, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=dtype, **kwargs)
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path)
+
+    @property
+    def model(self):
+        return self.load_model()
+
+    @property
+    def tokenizer(self):
+        return self.load_tokenizer()
+
+
+def parse_params(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    if not items:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ClpError(f"method parameter {item!r} must look like key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def padded_rows(vocab_len: int, source_rows: int, source_vocab_len: int, multiple: int | None) -> tuple[int, int | None]:
+    """Rows of the target matrices: the vocabulary, padded like the source was (64/128) or as asked."""
+    if multiple is None and source_rows > source_vocab_len:
+        for m in (128, 64):
+            if source_rows % m == 0:
+                multiple = m
+                break
+    if multiple:
+        return -(-vocab_len // multiple) * multiple, multiple
+    return vocab_len, None
+
+
+def remap_rows(source: torch.Tensor, match: torch.Tensor, target_rows: int) -> torch.Tensor:
+    """Per-token remap of a vocabulary-sized vector (e.g. an output bias): copied rows, mean elsewhere."""
+    shared = match >= 0
+    out = source[match[shared]].float().mean(0).expand(target_rows, *source.shape[1:]).clone()
+    idx = torch.nonzero(shared).flatten()
+    out[idx] = source[match[idx]].float()
+    return out.to(source.dtype)
+
+
+def _special_report(target: VocabInfo, source: VocabInfo, match: TokenMatch) -> dict[str, Any]:
+    out = {}
+    for role, tid in target.roles.items():
+        sid = match.source_id[tid]
+        out[role] = {
+            "target_id": tid,
+            "target_token": target.tokens[tid],
+            "source_id": sid if sid >= 0 else None,
+            "source_token": source.tokens[sid] if sid >= 0 else None,
+        }
+    return out
+
+
+def _update_config(cfg: dict[str, Any], rows: int, roles: dict[str, int]) -> dict[str, Any]:
+    cfg = dict(cfg)
+    cfg["vocab_size"] = rows
+    if isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
+        cfg["text_config"] = {**cfg["text_config"], "vocab_size": rows}
+    for role in ("bos", "eos", "pad"):
+        key = f"{role}_token_id"
+        if key in cfg or role in roles:
+            cfg[key] = roles.get(role)
+    return cfg
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def transfer(
+    source: str,
+    helper: str,
+    output: str,
+    method: str = "clp",
+    helper_tokenizer: str | None = None,
+    params: dict[str, Any] | list[str] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    **options: Any,
+) -> TransferResult:
+    """Build the target model in ``output`` and return it (lazily loaded) with its report.
+
+    >>> result = transfer("EleutherAI/pythia-410m", "malteos/gpt2-wechsel-german-ds-meg", "pythia-410m-de")  # doctest: +SKIP
+    >>> model, tokenizer = result.model, result.tokenizer                                                    # doctest: +SKIP
+    """
+    cfg = TransferConfig(source=source, helper=helper, output=output, method=method,
+                         helper_tokenizer=helper_tokenizer, params=params or [], seed=seed, overwrite=overwrite,
+                         **options)
+    return run_transfer(cfg)
+
+
+def run_transfer(cfg: TransferConfig) -> TransferResult:
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    METHODS.get(cfg.method)  # unknown method: fail before any work
+    params = parse_params(cfg.params)
+    from .methods import method_params
+
+    method_params(cfg.method, params)
+    out_path = check_output_path(cfg.output, cfg.overwrite)
+
+    src = resolve_model(cfg.source, "source model", cfg.allow_pickle, cfg.trust_remote_code)
+    hlp = resolve_model(cfg.helper, "helper model", cfg.allow_pickle, cfg.trust_remote_code)
+    if Path(cfg.output).resolve() in (src.path.resolve(), hlp.path.resolve()):
+        raise ClpError("the output directory must differ from the source and helper directories")
+    src_tok = load_tokenizer(src.path, cfg.trust_remote_code, "source model")
+    tgt_tok = load_tokenizer(cfg.helper_tokenizer or hlp.path, cfg.trust_remote_code, "helper model")
+    timings["resolve_s"] = time.perf_counter() - t0
+
+    # --- read only the embedding matrices
+    t = time.perf_counter()
+    src_ckpt = SafetensorsCheckpoint(src.path)
+    keys = find_embedding_keys(src.path, src_ckpt, cfg.trust_remote_code)
+    e_s = src_ckpt.get(keys.input)
+    o_s = src_ckpt.get(keys.output) if keys.output and not keys.tied else None
+    hlp_ckpt = SafetensorsCheckpoint(hlp.path)
+    hlp_keys = find_embedding_keys(hlp.path, hlp_ckpt, cfg.trust_remote_code)
+    spec = METHODS.get(cfg.method)
+    e_h = hlp_ckpt.get(hlp_keys.input)
+    timings["read_embeddings_s"] = time.perf_counter() - t
+
+    source_vocab = VocabInfo.from_tokenizer(src_tok)
+    target_vocab = VocabInfo.from_tokenizer(tgt_tok)
+    if len(target_vocab) > e_h.shape[0]:
+        raise ClpError(
+            f"the helper tokenizer has {len(target_vocab)} tokens but the helper model's embeddings only "
+            f"{e_h.shape[0]} rows: tokenizer and model do not belong together (check --helper_tokenizer)"
+        )
+    if len(source_vocab) > e_s.shape[0]:
+        raise ClpError(
+            f"the source tokenizer has {len(source_vocab)} tokens but its embeddings only {e_s.shape[0]} rows"
+        )
+
+    # --- match vocabularies
+    t = time.perf_counter()
+    match = match_vocabularies(target_vocab, source_vocab, canonical=cfg.canonical_matching)
+    counts = match.counts()
+    if counts["shared"] - counts["special_role"] - counts["special_text"] <= 0:
+        raise ClpError(
+            f"the helper's tokenizer shares no ordinary token with the source's ({len(target_vocab)} vs "
+            f"{len(source_vocab)} tokens): the transfer has nothing to anchor the new embeddings on"
+        )
+    pieces = decompose(target_vocab, source_vocab) if spec.needs_pieces else None
+    timings["match_s"] = time.perf_counter() - t
+
+    rows, multiple = padded_rows(len(target_vocab), e_s.shape[0], len(source_vocab), cfg.pad_to_multiple_of)
+    source_id = torch.tensor(match.source_id, dtype=torch.long)
+    problem = EmbeddingProblem(
+        source_input=e_s,
+        source_id=source_id,
+        target_rows=rows,
+        source_output=o_s,
+        helper_input=e_h[: len(target_vocab)] if spec.needs_helper else None,
+        pieces=pieces,
+        source_padding_ids=list(range(len(source_vocab), e_s.shape[0])),
+    )
+    t = time.perf_counter()
+    solution = compute_target_embeddings(problem, cfg.method, params, seed=cfg.seed)
+    timings["compute_s"] = time.perf_counter() - t
+    del e_h
+
+    if o_s is not None and not cfg.transfer_untied_head:
+        # Ablation: the original behaviour (resize by position) - row i of the head keeps source row i.
+        log.warning("--no-transfer_untied_head: the output head keeps source rows by position (broken on purpose)")
+        by_position = torch.arange(rows)
+        by_position[by_position >= o_s.shape[0]] = -1
+        solution.output = remap_rows(o_s, by_position, rows)
+
+    report: dict[str, Any] = {
+        "clp_transfer_version": __version__,
+        "source": {"origin": src.origin, "kind": src.kind, "vocab_size": len(source_vocab),
+                   "embedding_rows": e_s.shape[0], "tokenizer_style": source_vocab.style.value,
+                   "tied": keys.tied},
+        "helper": {"origin": hlp.origin, "kind": hlp.kind, "embedding_rows": int(problem.helper_input.shape[0])
+                   if problem.helper_input is not None else None, "tokenizer": cfg.helper_tokenizer or hlp.origin,
+                   "tokenizer_style": target_vocab.style.value},
+        "target": {"vocab_size": len(target_vocab), "embedding_rows": rows, "padded_to_multiple_of": multiple,
+                   "dtype": str(e_s.dtype).replace("torch.", ""), "tied": keys.tied},
+        "method": cfg.method,
+        "params": solution.stats.get("params", {}),
+        "seed": cfg.seed,
+        "canonical_matching": cfg.canonical_matching,
+        "transfer_untied_head": cfg.transfer_untied_head,
+        "matching": counts,
+        "special_tokens": _special_report(target_vocab, source_vocab, match),
+        "new_rows": {k: v for k, v in solution.stats.items() if k not in ("params", "method")},
+        "new_token_ids": match.missing_ids,
+    }
+    if pieces is not None:
+        report["pieces"] = {"no_pieces": sum(1 for i in match.missing_ids if not pieces[i])}
+
+    t = time.perf_counter()
+    with atomic_directory(out_path, overwrite=cfg.overwrite) as tmp:
+        _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows)
+        _write_config(tmp, src.path, rows, target_vocab.roles)
+        tgt_tok.save_pretrained(tmp)
+        timings["write_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - t0
+        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        report["versions"] = _versions()
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    log.info("%s", summary(report, out_path))
+    return TransferResult(out_path, report)
+
+
+def _write_checkpoint(tmp: Path, ckpt: SafetensorsCheckpoint, keys: EmbeddingKeys, solution: EmbeddingSolution,
+                      source_id: torch.Tensor, rows: int) -> None:
+    """Copy the source weights file by file, replacing the vocabulary-sized tensors."""
+    from safetensors.torch import save_file
+
+    replace: dict[str, torch.Tensor] = {keys.input: solution.input}
+    if keys.output:
+        replace[keys.output] = solution.output if solution.output is not None else solution.input
+    total = 0
+    weight_map: dict[str, str] = {}
+    for file in tqdm(ckpt.files, desc="writing shards", unit="file", disable=len(ckpt.files) < 2):
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in ckpt.iter_file(file):
+            if k in replace:
+                v = replace[k].clone()  # a tied copy must not share memory with the input rows
+            elif k == keys.output_bias:
+                v = remap_rows(v, source_id, rows)
+            tensors[k] = v.contiguous()
+            total += v.numel() * v.element_size()
+            weight_map[k] = file
+        save_file(tensors, tmp / file, metadata={"format": "pt", **ckpt.file_metadata(file)})
+        del tensors
+    if len(ckpt.files) > 1 or (ckpt.path / WEIGHTS_INDEX).is_file():
+        index = {"metadata": {**ckpt.metadata, "total_size": total}, "weight_map": weight_map}
+        (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_config(tmp: Path, source_dir: Path, rows: int, roles: dict[str, int]) -> None:
+    cfg = json.loads((source_dir / "config.json").read_text())
+    (tmp / "config.json").write_text(json.dumps(_update_config(cfg, rows, roles), indent=2) + "\n")
+    gen = source_dir / "generation_config.json"
+    if gen.is_file():
+        g = json.loads(gen.read_text())
+        for role in ("bos", "eos", "pad"):
+            key = f"{role}_token_id"
+            if key in g or role in roles:
+                g[key] = roles.get(role)
+        (tmp / "generation_config.json").write_text(json.dumps(g, indent=2) + "\n")
+    for extra in source_dir.glob("*.py"):  # remote-code models keep their modelling code
+        shutil.copy2(extra, tmp / extra.name)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def summary(report: dict[str, Any], path: Path) -> str:
+    m = report["matching"]
+    nr = report["new_rows"]
+    ratio = nr.get("norm_ratio_new_to_shared")
+    return (
+        f"Transferred {report['source']['origin']} to the vocabulary of {report['helper']['tokenizer']} with "
+        f"method {report['method']}: {m['shared']} of {report['target']['vocab_size']} target tokens reuse a "
+        f"source row ({m['exact']} exact, {m['canonical']} after canonical matching, "
+        f"{m['special_role'] + m['special_text']} special), {m['missing']} are new"
+        + (f" (mean norm {ratio:.2f}x that of shared rows)" if ratio is not None else "")
+        + f". Head: {'tied' if report['target']['tied'] else 'untied, transferred by token'}; "
+        f"{report['target']['embedding_rows']} rows ({report['target']['dtype']}). "
+        f"Took {report['timings']['total_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB. Wrote {path}."
+    )
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, TransferConfig)
+    parser.add_argument("--list-methods", action="store_true", help="list the transfer methods and exit")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    if args.list_methods:
+        for name in METHODS:
+            spec = METHODS.get(name)
+            defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+            print(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
+        return 0
+    missing = [f"--{n}" for n in ("source", "helper", "output") if not hasattr(args, n)]
+    if missing:
+        raise ClpError(f"missing required flags: {' '.join(missing)}")
+    cfg = build_config(TransferConfig, args)
+    run_transfer(cfg)  # logs its one-paragraph summary to stderr
+    return 0

@@ -1,0 +1,174 @@
+"""Properties of the transfer maths on random matrices (no models, no files)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from clp_transfer.errors import ClpError, UnknownNameError
+from clp_transfer.methods import METHODS, EmbeddingProblem, compute_target_embeddings, sparsemax
+
+
+def make_problem(v_s=60, v_t=50, d=8, d_h=6, n_shared=20, untied=True, pad=0, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    source_id = torch.full((v_t,), -1)
+    source_id[torch.randperm(v_t, generator=g)[:n_shared]] = torch.randperm(v_s, generator=g)[:n_shared]
+    pieces = [torch.randint(0, v_s, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()
+              for _ in range(v_t)]
+    return EmbeddingProblem(
+        source_input=torch.randn(v_s, d, generator=g).to(dtype),
+        source_id=source_id,
+        target_rows=v_t + pad,
+        source_output=torch.randn(v_s, d, generator=g).to(dtype) if untied else None,
+        helper_input=torch.randn(v_t, d_h, generator=g),
+        pieces=pieces,
+        source_padding_ids=[v_s - 1, v_s - 2],
+    )
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+@settings(max_examples=15, deadline=None)
+@given(n_shared=st.integers(1, 40), untied=st.booleans(), pad=st.sampled_from([0, 14]), seed=st.integers(0, 99))
+def test_every_method_keeps_shared_rows_shapes_and_finiteness(method, n_shared, untied, pad, seed):
+    p = make_problem(n_shared=n_shared, untied=untied, pad=pad, seed=seed)
+    sol = compute_target_embeddings(p, method, seed=seed)
+    assert sol.input.shape == (p.target_rows, 8)
+    assert (sol.output is not None) == untied
+    assert torch.isfinite(sol.input).all()
+    shared = p.shared
+    torch.testing.assert_close(sol.input[shared], p.source_input[p.source_id[shared]], rtol=0, atol=0)
+    if untied:
+        assert sol.output.shape == sol.input.shape
+        torch.testing.assert_close(sol.output[shared], p.source_output[p.source_id[shared]], rtol=0, atol=0)
+    if pad:
+        torch.testing.assert_close(sol.input[50:], p.source_input[[59, 58]].mean(0).expand(pad, -1))
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_methods_are_deterministic_and_ignore_the_global_rng(method):
+    p = make_problem()
+    torch.manual_seed(1)
+    a = compute_target_embeddings(p, method, seed=3)
+    torch.manual_seed(2)
+    torch.rand(100)
+    b = compute_target_embeddings(p, method, seed=3)
+    assert torch.equal(a.input, b.input)
+    state = torch.get_rng_state()
+    compute_target_embeddings(p, method, seed=3)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def one_hot_problem(n_shared=12, v_t=30, d_h=5, seed=0, helper=None):
+    """Source rows = identity, so a new row *is* its weight vector over the shared tokens."""
+    g = torch.Generator().manual_seed(seed)
+    source_id = torch.full((v_t,), -1)
+    source_id[:n_shared] = torch.arange(n_shared)
+    return EmbeddingProblem(
+        source_input=torch.eye(n_shared),
+        source_id=source_id,
+        target_rows=v_t,
+        source_output=torch.eye(n_shared) * 2,
+        helper_input=helper if helper is not None else torch.randn(v_t, d_h, generator=g),
+    )
+
+
+@pytest.mark.parametrize("params", [
+    {}, {"weighting": "sparsemax", "temperature": 0.1}, {"weighting": "topk_uniform", "top_k": 3},
+    {"top_k": 100, "temperature": 1.0}, {"center": True},
+])
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000))
+def test_clp_rows_are_convex_combinations_of_shared_source_rows(params, seed):
+    p = one_hot_problem(seed=seed)
+    sol = compute_target_embeddings(p, "clp", params)
+    w = sol.input[p.missing]  # [|M|, |S|] = the weights
+    assert (w >= -1e-7).all()
+    torch.testing.assert_close(w.sum(1), torch.ones(len(w)))
+    k = params.get("top_k", 10)
+    if params.get("weighting", "topk_softmax") != "sparsemax":
+        assert ((w > 0).sum(1) <= min(k, 12)).all()
+    # the untied head gets the same weights, applied to its own rows
+    torch.testing.assert_close(sol.output[p.missing], 2 * w)
+
+
+def test_clp_puts_the_largest_weight_on_the_most_similar_shared_token():
+    helper = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
+    p = one_hot_problem(helper=helper)
+    w = compute_target_embeddings(p, "clp").input[p.missing]
+    cos = torch.nn.functional.normalize(helper[p.missing], dim=1) @ torch.nn.functional.normalize(helper[:12], dim=1).T
+    assert torch.equal(w.argmax(1), cos.argmax(1))
+
+
+def test_clp_original_is_the_published_formula():
+    p = one_hot_problem(seed=4)
+    w = compute_target_embeddings(p, "clp-original").input[p.missing]
+    h = p.helper_input
+    for r, tid in enumerate(p.missing.tolist()):
+        c = torch.stack([torch.nn.functional.cosine_similarity(h[tid], h[s], dim=0) for s in range(12)])
+        torch.testing.assert_close(w[r], c / c.sum(), rtol=1e-4, atol=1e-5)
+
+
+def test_clp_original_shows_its_defects_and_clp_does_not():
+    # Centred helper vectors: cosines of either sign, their sum near zero -> huge rows and sign flips.
+    g = torch.Generator().manual_seed(0)
+    p = make_problem(n_shared=40, seed=0)
+    p.helper_input = torch.randn(50, 6, generator=g)
+    orig = compute_target_embeddings(p, "clp-original").stats
+    ours = compute_target_embeddings(p, "clp").stats
+    assert orig["negative_weights"] > 0 and ours["negative_weights"] == 0
+    assert orig["norm_ratio_new_to_shared"] > 1.5 > ours["norm_ratio_new_to_shared"]
+
+
+def test_rescale_norms_matches_the_norms_of_the_mixed_rows():
+    p = make_problem(n_shared=30)
+    plain = compute_target_embeddings(p, "clp").stats["norm_ratio_new_to_shared"]
+    scaled = compute_target_embeddings(p, "clp", {"rescale_norms": True}).stats["norm_ratio_new_to_shared"]
+    assert plain < 0.9 and abs(scaled - 1) < 0.2
+
+
+def test_fvt_is_the_mean_of_the_pieces():
+    p = make_problem()
+    sol = compute_target_embeddings(p, "fvt")
+    for tid in p.missing.tolist():
+        ids = p.pieces[tid]
+        expect = p.source_input[ids].mean(0) if ids else p.source_input[p.source_id[p.shared]].mean(0)
+        torch.testing.assert_close(sol.input[tid], expect)
+
+
+def test_random_init_std_follows_the_seed_methods():
+    p = make_problem(v_t=3000, n_shared=10, d=64)
+    for init, std in [("small_init", (2 / (5 * 64)) ** 0.5), ("xavier_normal", (2 / (3000 + 64)) ** 0.5),
+                      ("normal", 0.02)]:
+        rows = compute_target_embeddings(p, "random", {"init": init}).input[p.missing]
+        assert abs(rows.std().item() / std - 1) < 0.05, init
+
+
+def test_dtype_is_kept():
+    p = make_problem(dtype=torch.bfloat16)
+    for m in METHODS:
+        assert compute_target_embeddings(p, m).input.dtype == torch.bfloat16
+
+
+def test_bad_input_errors():
+    with pytest.raises(UnknownNameError, match="did you mean 'clp'"):
+        compute_target_embeddings(make_problem(), "clpp")
+    with pytest.raises(ClpError, match="no parameter 'topk'"):
+        compute_target_embeddings(make_problem(), "clp", {"topk": 3})
+    with pytest.raises(ClpError, match="share no token"):
+        compute_target_embeddings(make_problem(n_shared=0), "clp")
+    with pytest.raises(ClpError, match="does not match the helper model"):
+        EmbeddingProblem(torch.randn(5, 2), torch.full((10,), -1), 10, helper_input=torch.randn(8, 2))
+    with pytest.raises(ClpError, match="true or false"):
+        compute_target_embeddings(make_problem(), "clp", {"rescale_norms": "maybe"})
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=20))
+def test_sparsemax_is_a_sparse_distribution(values):
+    z = torch.tensor([values])
+    p = sparsemax(z)
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(), torch.tensor(1.0))
+    assert p.argmax() == z.argmax() or p.max() == p[0, z.argmax()]
