@@ -1,0 +1,263 @@
+"""End-to-end transfers between tiny models of every supported family (offline)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from clp_transfer.cli import main as cli
+from clp_transfer.errors import ClpError
+from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
+from clp_transfer.tokens import VocabInfo, match_vocabularies
+from clp_transfer.transfer import transfer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=None).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(f, "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def dir_hash(path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+FAMILIES = [
+    # (source arch, tied, source tokenizer, helper tokenizer)
+    ("gpt2", None, "bpe", "bpe"),
+    ("gpt_neox", None, "bpe", "sentencepiece"),
+    ("llama", True, "sentencepiece", "bpe"),
+    ("llama", False, "sentencepiece", "wordpiece"),
+]
+
+
+@pytest.mark.parametrize("arch,tied,src_kind,hlp_kind", FAMILIES)
+@pytest.mark.parametrize("method", ["clp", "clp-original", "fvt", "random"])
+def test_transfer_keeps_shared_rows_heads_and_loads(tmp_path, model_factory, arch, tied, src_kind, hlp_kind, method):
+    src_dir = model_factory(arch, "en", src_kind, tied=tied, vocab=420, pad=64)
+    hlp_dir = model_factory("gpt2", "de", hlp_kind, vocab=450, hidden=16)
+    before = dir_hash(src_dir)
+    out = tmp_path / "target"
+    result = transfer(str(src_dir), str(hlp_dir), str(out), method=method)
+    assert dir_hash(src_dir) == before, "the source model was modified"
+
+    src_model, src_tok = load(src_dir)
+    tgt_model, tgt_tok = load(out)
+    hlp_tok = AutoTokenizer.from_pretrained(hlp_dir)
+    assert tgt_tok.get_vocab() == hlp_tok.get_vocab()
+    e_t, e_s = tgt_model.get_input_embeddings().weight, src_model.get_input_embeddings().weight
+    # padded like the source (multiple of 64), config agrees with the weights
+    assert e_t.shape[0] % 64 == 0 and e_t.shape[0] >= len(tgt_tok)
+    assert tgt_model.config.vocab_size == e_t.shape[0]
+    # tied stays tied, untied stays untied
+    assert tgt_model.config.tie_word_embeddings == src_model.config.tie_word_embeddings
+    o_t = tgt_model.get_output_embeddings().weight
+    assert (o_t.data_ptr() == e_t.data_ptr()) == bool(src_model.config.tie_word_embeddings)
+    # shared rows are the source rows of the same *token*, in the input and in an untied head
+    match = match_vocabularies(VocabInfo.from_tokenizer(tgt_tok), VocabInfo.from_tokenizer(src_tok))
+    shared = torch.tensor(match.shared_ids)
+    src_rows = torch.tensor([match.source_id[i] for i in match.shared_ids])
+    assert len(shared) > 20
+    assert torch.equal(e_t[shared], e_s[src_rows])
+    if not src_model.config.tie_word_embeddings:
+        assert torch.equal(o_t[shared], src_model.get_output_embeddings().weight[src_rows])
+    # special-token ids in the config are the target tokenizer's
+    assert tgt_model.config.eos_token_id == tgt_tok.eos_token_id
+    assert torch.equal(e_t[tgt_tok.eos_token_id], e_s[src_tok.eos_token_id])
+    # the report describes what happened
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["method"] == method and report["matching"]["shared"] == len(shared)
+    assert sorted(report["new_token_ids"]) == match.missing_ids
+    assert result.report["matching"] == report["matching"]
+    # it generates
+    ids = tgt_tok("Die Katze", return_tensors="pt")
+    gen = tgt_model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tgt_tok.pad_token_id)
+    assert gen.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_untied_head_follows_its_tokens_unlike_the_original(tmp_path, model_factory):
+    src_dir = model_factory("gpt_neox", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    good = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "good"), method="clp")
+    bad = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "bad"), method="clp", transfer_untied_head=False)
+    src_model, src_tok = load(src_dir)
+    tgt_tok = AutoTokenizer.from_pretrained(good.path)
+    match = match_vocabularies(VocabInfo.from_tokenizer(tgt_tok), VocabInfo.from_tokenizer(src_tok))
+    moved = [i for i in match.shared_ids if match.source_id[i] != i]
+    assert len(moved) > 10
+    head_src = src_model.get_output_embeddings().weight
+    for path, should_follow in [(good.path, True), (bad.path, False)]:
+        head = load(path)[0].get_output_embeddings().weight
+        follows = torch.equal(head[moved], head_src[[match.source_id[i] for i in moved]])
+        assert follows == should_follow
+
+
+def test_dtype_is_kept_and_nothing_is_instantiated(tmp_path, monkeypatch, german_lines, english_lines):
+    src_tok = train_tokenizer(english_lines, 300, "bpe")
+    src = save_model(tiny_model("llama", src_tok, hidden_size=32, num_layers=1).to(torch.bfloat16), src_tok,
+                     tmp_path / "src")
+    hlp_tok = train_tokenizer(german_lines, 350, "bpe")
+    hlp = save_model(tiny_model("gpt2", hlp_tok, hidden_size=16, num_heads=2), hlp_tok, tmp_path / "hlp")
+
+    def refuse(*a, **k):
+        raise AssertionError("transfer must not load whole models")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    out = transfer(str(src), str(hlp), str(tmp_path / "out"), method="clp").path
+    monkeypatch.undo()
+    assert all(t.dtype == torch.bfloat16 for t in tensors(out).values())
+
+
+def test_sharded_checkpoints_are_copied_shard_by_shard(tmp_path, german_lines, english_lines):
+    src_tok = train_tokenizer(english_lines, 300, "bpe")
+    model = tiny_model("gpt_neox", src_tok, hidden_size=64, num_layers=3)
+    src = save_model(model, src_tok, tmp_path / "src", max_shard_size="60KB")
+    assert len(list(src.glob("*.safetensors"))) > 2
+    hlp_tok = train_tokenizer(german_lines, 350, "bpe")
+    hlp = save_model(tiny_model("gpt2", hlp_tok, hidden_size=16, num_heads=2), hlp_tok, tmp_path / "hlp")
+    out = transfer(str(src), str(hlp), str(tmp_path / "out")).path
+    assert (out / "model.safetensors.index.json").is_file()
+    src_t, out_t = tensors(src), tensors(out)
+    assert src_t.keys() == out_t.keys()
+    for k in src_t:
+        if "embed" not in k and "lm_head" not in k:
+            assert torch.equal(src_t[k], out_t[k]), k
+    load(out)
+
+
+def test_same_seed_gives_identical_output(tmp_path, model_factory):
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    torch.manual_seed(1)
+    a = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "a"), method="random", seed=5)
+    torch.manual_seed(2)
+    torch.randn(10)
+    b = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "b"), method="random", seed=5)
+    c = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "c"), method="random", seed=6)
+    ta, tb, tc = tensors(a.path), tensors(b.path), tensors(c.path)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not all(torch.equal(ta[k], tc[k]) for k in ta)
+
+
+def test_seed_readme_command(tmp_path, model_factory):
+    src_dir = model_factory("gpt_neox", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    out = tmp_path / "seed-out"
+    cmd = [sys.executable, str(REPO / "clp.py"), "apply_clp", "--source_model_name_or_path", str(src_dir),
+           "--helper_model_name_or_path", str(hlp_dir), "--target_model_path", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "transfer_report.json").read_text())["method"] == "clp"
+    again = subprocess.run(cmd + ["--random_init", "--random_init_method", "xavier_normal", "--override"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["method"] == "random" and report["params"]["init"] == "xavier_normal"
+    load(out)
+
+
+def _bad(tmp_path, *flags) -> tuple[int, str]:
+    return cli(["transfer", *flags])
+
+
+@pytest.fixture
+def pair(model_factory):
+    return str(model_factory("gpt2", "en", "bpe", vocab=420)), str(model_factory("gpt2", "de", "bpe", vocab=450, hidden=16))
+
+
+def test_bad_inputs_fail_clearly_and_write_nothing(tmp_path, pair, capsys, german_lines, english_lines):
+    src, hlp = pair
+    out = tmp_path / "out"
+
+    def fails(match, *flags):
+        code = cli(["transfer", "--output", str(out), *flags])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert match in err, err
+        assert not out.exists()
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+    fails("does not exist", "--source", str(tmp_path / "nope"), "--helper", hlp)
+    fails("does not exist", "--source", src, "--helper", str(tmp_path / "nope"))
+    fails("did you mean 'clp'", "--source", src, "--helper", hlp, "--method", "clpp")
+    fails("no parameter 'k'", "--source", src, "--helper", hlp, "--params", "k=3")
+
+    # a helper whose tokenizer does not belong to its embeddings
+    big_tok = train_tokenizer(german_lines, 600, "bpe")
+    big_tok.save_pretrained(tmp_path / "bigtok")
+    fails("do not belong together", "--source", src, "--helper", hlp, "--helper-tokenizer", str(tmp_path / "bigtok"))
+
+    # a helper in another script: nothing shared but special tokens
+    cyr = ["привет мир как дела сегодня хорошо", "мы идем домой вечером поздно тихо"] * 20
+    cyr_tok = train_tokenizer(cyr, 120, "wordpiece")
+    cyr_dir = save_model(tiny_model("gpt2", cyr_tok, hidden_size=16, num_heads=2), cyr_tok, tmp_path / "cyr")
+    fails("shares no ordinary token", "--source", src, "--helper", str(cyr_dir))
+
+    # pickle checkpoints are refused unless allowed
+    pkl = tmp_path / "pickle_model"
+    pkl.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.config.save_pretrained(pkl)
+    AutoTokenizer.from_pretrained(src).save_pretrained(pkl)
+    torch.save(model.state_dict(), pkl / "pytorch_model.bin")
+    fails("--allow-pickle", "--source", str(pkl), "--helper", hlp)
+
+    # existing output
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code = cli(["transfer", "--source", src, "--helper", hlp, "--output", str(out)])
+    assert code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_allow_pickle_converts_and_transfers(tmp_path, pair, monkeypatch):
+    monkeypatch.setenv("CLP_TRANSFER_CACHE", str(tmp_path / "cache"))
+    src, hlp = pair
+    pkl = tmp_path / "pickle_model"
+    pkl.mkdir()
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.config.save_pretrained(pkl)
+    AutoTokenizer.from_pretrained(src).save_pretrained(pkl)
+    torch.save(model.state_dict(), pkl / "pytorch_model.bin")
+    assert cli(["transfer", "--source", str(pkl), "--helper", hlp, "--output", str(tmp_path / "o"),
+                "--allow-pickle"]) == 0
+    load(tmp_path / "o")
+
+
+def test_interrupted_transfer_leaves_nothing(tmp_path, pair, monkeypatch):
+    src, hlp = pair
+    import clp_transfer.transfer as mod
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "_write_config", boom)
+    with pytest.raises(KeyboardInterrupt):
+        transfer(src, hlp, str(tmp_path / "out"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hub_ids_fail_clearly_offline(tmp_path, pair, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ClpError, match="could not be fetched"):
+        transfer("EleutherAI/pythia-410m", pair[1], str(tmp_path / "o"))
