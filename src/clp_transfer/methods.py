@@ -136,8 +136,14 @@ def _cosine_blocks(helper: torch.Tensor, missing: torch.Tensor, shared: torch.Te
         yield sl, h[missing[sl]] @ h_shared.T  # [c, |S|]
 
 
-def _combine(weights_idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Σ_j weights[i, j] · rows[weights_idx[i, j]]  -> [c, d] (sparse weights as index/value pairs)."""
+def _combine(weights_idx: torch.Tensor | None, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[i, j] · rows[weights_idx[i, j]] -> [c, d].
+
+    ``weights_idx=None`` means dense weights over all rows ([c, |S|] @ [|S|, d]); otherwise sparse
+    index/value pairs ([c, k]), gathered as [c, k, d] - cheap for small k.
+    """
+    if weights_idx is None:
+        return weights @ rows.float()
     return torch.einsum("ck,ckd->cd", weights, rows[weights_idx].float())
 
 
@@ -145,8 +151,8 @@ def _apply_weights(problem: EmbeddingProblem, weight_fn, center: bool = False) -
     """Run ``weight_fn(cos [c, |S|]) -> (idx [c, k], w [c, k])`` block by block and combine source rows."""
     shared, missing = problem.shared, problem.missing
     src_of_shared = problem.source_id[shared]
-    e_rows = problem.source_input[src_of_shared]  # [|S|, d]
-    o_rows = problem.source_output[src_of_shared] if problem.source_output is not None else None
+    e_rows = problem.source_input[src_of_shared].float()  # [|S|, d]
+    o_rows = problem.source_output[src_of_shared].float() if problem.source_output is not None else None
     d = problem.source_input.shape[1]
     new_in = torch.empty(len(missing), d, dtype=torch.float32)
     new_out = torch.empty(len(missing), d, dtype=torch.float32) if o_rows is not None else None
@@ -183,9 +189,7 @@ def clp_original(problem: EmbeddingProblem, generator: torch.Generator | None = 
     # Reproduced exactly, defects included: signed weights, dense over every shared token, no normalisation
     # of the sum's sign. Kept for comparison.
     def weights(cos: torch.Tensor):
-        w = cos / cos.sum(dim=1, keepdim=True)
-        idx = torch.arange(cos.shape[1]).expand_as(cos)
-        return idx, w
+        return None, cos / cos.sum(dim=1, keepdim=True)  # dense over all shared tokens
 
     return _apply_weights(problem, weights)
 
@@ -225,6 +229,8 @@ def clp(
         if weighting == "sparsemax":
             w = sparsemax(cos / temperature)
             kk = max(1, int((w > 0).sum(1).max()))
+            if kk > 64:  # wide support: a dense matmul is cheaper than gathering [c, kk, d]
+                return None, w / w.sum(1, keepdim=True)
             vals, idx = w.topk(kk, dim=1)
             return idx, vals / vals.sum(1, keepdim=True)
         raise ClpError(f"unknown weighting {weighting!r}; choose topk_softmax, topk_uniform or sparsemax")
@@ -239,9 +245,9 @@ def clp(
         missing = problem.missing
         for sl, cos in _cosine_blocks(problem.helper_input, missing, shared, center=center):
             idx, w = weights(cos)
-            rows.input[sl] = _rescale_norms(rows.input[sl], (w * norms_in[idx]).sum(1, keepdim=True))
+            rows.input[sl] = _rescale_norms(rows.input[sl], _combine(idx, w, norms_in[:, None]))
             if rows.output is not None:
-                rows.output[sl] = _rescale_norms(rows.output[sl], (w * norms_out[idx]).sum(1, keepdim=True))
+                rows.output[sl] = _rescale_norms(rows.output[sl], _combine(idx, w, norms_out[:, None]))
     return rows
 
 
