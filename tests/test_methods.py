@@ -172,3 +172,28 @@ def test_sparsemax_is_a_sparse_distribution(values):
     assert (p >= 0).all()
     torch.testing.assert_close(p.sum(), torch.tensor(1.0))
     assert p.argmax() == z.argmax() or p.max() == p[0, z.argmax()]
+
+
+def test_linear_map_recovers_an_exact_linear_relation():
+    g = torch.Generator().manual_seed(0)
+    v_t, d_h, d = 80, 6, 4
+    helper = torch.randn(v_t, d_h, generator=g)
+    true_map = torch.randn(d_h, d, generator=g)
+    source_id = torch.full((v_t,), -1)
+    source_id[:50] = torch.arange(50)
+    source = torch.zeros(60, d)
+    source[:50] = helper[:50] @ true_map
+    p = EmbeddingProblem(source, source_id, v_t, helper_input=helper)
+    sol = compute_target_embeddings(p, "map", {"ridge": 1e-8})
+    torch.testing.assert_close(sol.input[50:], helper[50:] @ true_map, rtol=1e-3, atol=1e-3)
+
+
+def test_hybrid_interpolates_fvt_and_clp():
+    p = make_problem(n_shared=30)
+    f = compute_target_embeddings(p, "fvt").input
+    c = compute_target_embeddings(p, "clp").input
+    for alpha in (0.0, 1.0, 0.3):
+        h = compute_target_embeddings(p, "hybrid", {"alpha": alpha}).input
+        for tid in p.missing.tolist():
+            a = alpha if p.pieces[tid] else 0.0
+            torch.testing.assert_close(h[tid], a * f[tid] + (1 - a) * c[tid])

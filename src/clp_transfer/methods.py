@@ -276,6 +276,49 @@ def fvt(problem: EmbeddingProblem, generator: torch.Generator | None = None) -> 
     return NewRows(new_in, new_out, {"no_pieces_fallback": fallback})
 
 
+def _fit_ridge_map(problem: EmbeddingProblem, ridge: float) -> torch.Tensor:
+    """W [d_h + 1, d] minimising ||[H_S 1] W - E_S||² + ridge·||W||² over the shared tokens."""
+    shared = problem.shared
+    h = problem.helper_input[shared].float()
+    h = torch.cat([h, torch.ones(len(h), 1)], dim=1)  # a bias column
+    target = problem.source_input[problem.source_id[shared]].float()
+    gram = h.T @ h + ridge * len(h) * torch.eye(h.shape[1])
+    return torch.linalg.solve(gram, h.T @ target)
+
+
+@register("map", "a linear map from the helper space to the source space, fitted by ridge regression on the "
+          "shared tokens, applied to the new tokens", needs_helper=True, ridge=0.01)
+def linear_map(problem: EmbeddingProblem, generator: torch.Generator | None = None, ridge: float = 0.01) -> NewRows:
+    missing = problem.missing
+    h_m = torch.cat([problem.helper_input[missing].float(), torch.ones(len(missing), 1)], dim=1)
+    new_in = h_m @ _fit_ridge_map(problem, ridge)
+    new_out = None
+    if problem.source_output is not None:
+        out_problem = EmbeddingProblem(problem.source_output, problem.source_id, problem.target_rows,
+                                       helper_input=problem.helper_input)
+        new_out = h_m @ _fit_ridge_map(out_problem, ridge)
+    return NewRows(new_in, new_out)
+
+
+@register("hybrid", "a mix of FVT (the token's own pieces) and CLP (helper-similar shared tokens): "
+          "alpha * fvt + (1 - alpha) * clp", needs_helper=True, needs_pieces=True, alpha=0.5, top_k=10,
+          temperature=0.05)
+def hybrid(problem: EmbeddingProblem, generator: torch.Generator | None = None, alpha: float = 0.5,
+           top_k: int = 10, temperature: float = 0.05) -> NewRows:
+    if not 0 <= alpha <= 1:
+        raise ClpError("alpha must lie in [0, 1]")
+    a = fvt(problem, generator)
+    b = clp(problem, generator, top_k=top_k, temperature=temperature)
+    # Tokens with no pieces fall back to the mean row in FVT: use CLP alone for them.
+    has_pieces = torch.tensor([bool(problem.pieces[t]) for t in problem.missing.tolist()]).float()[:, None]
+    w = alpha * has_pieces
+
+    def mix(x, y):
+        return None if x is None else w * x + (1 - w) * y
+
+    return NewRows(mix(a.input, b.input), mix(a.output, b.output), {**a.info, **b.info})
+
+
 @register("mean", "every new token gets the mean of the shared source rows")
 def mean_init(problem: EmbeddingProblem, generator: torch.Generator | None = None) -> NewRows:
     shared_src = problem.source_id[problem.shared]
