@@ -187,7 +187,9 @@ def evaluate(path: Path, heldout: list[str], new_ids: list[int] | None = None) -
     if new_ids:
         mask = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
         mask[new_ids] = True
-    r = score_documents(model, tok, heldout, block_size=256, stride=256, batch_size=4, new_token_mask=mask,
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 256
+    block = min(256, int(ctx))  # the same windows for every model that allows them
+    r = score_documents(model, tok, heldout, block_size=block, stride=block, batch_size=4, new_token_mask=mask,
                         progress=False)
     out = {"bits_per_byte": r.bits_per_byte, "tokens": r.num_tokens, "bytes": r.num_bytes,
            "tokens_per_word": r.num_tokens / max(1, r.num_words or 1)}
@@ -212,21 +214,26 @@ def generate(model, tok, max_new_tokens: int = 16) -> dict[str, str]:
 
 
 def prepare_data(train_file: Path, tokenizer_dir: Path, out: Path, cfg: DemoConfig) -> Path:
+    """Token shards of the demo's training text: 95% train, the last 5% validation (for evaluation during training)."""
     from .prepare import prepare
 
-    return Path(prepare(files=[str(train_file)], output_dir=str(out / "data" / "shards"), tokenizer=str(tokenizer_dir),
-                        block_size=cfg.block_size, subsample_size_mb=1e6, valid_size_mb=0.05, overwrite=True,
-                        seed=cfg.seed).output_dir)
+    mb = train_file.stat().st_size / 2**20
+    return prepare(files=[str(train_file)], output_dir=str(out / "data" / "shards"), tokenizer=str(tokenizer_dir),
+                   block_size=cfg.block_size, subsample_size_mb=0.95 * mb, valid_size_mb=0.05 * mb,
+                   overwrite=True, seed=cfg.seed, num_proc=1).path
 
 
 def train_target(model_dir: Path, data_dir: Path, out_dir: Path, cfg: DemoConfig) -> dict[str, Any]:
+    """The seed's embedding tuning: body frozen, input embeddings (and an untied head) trained at lr 2e-3."""
     from .train import TrainConfig, train
 
     tc = TrainConfig(
         model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), overwrite=True,
         max_steps=cfg.train_steps, per_device_train_batch_size=cfg.train_batch_size, block_size=cfg.block_size,
-        embedding_tuning_ratio=1.0, embedding_learning_rate=2e-3, warmup_ratio=0.1, eval_steps=max(5, cfg.train_steps // 4),
-        logging_steps=max(1, cfg.train_steps // 20), save_steps=10**9, seed=cfg.seed,
+        embedding_tuning_ratio=1.0, embedding_learning_rate=2e-3, warmup_ratio=0.1,
+        eval_steps=max(2, cfg.train_steps // 4), eval_batches=2, per_device_eval_batch_size=cfg.train_batch_size,
+        final_eval=False, logging_steps=max(1, cfg.train_steps // 20), save_steps=0, seed=cfg.seed,
+        report_to=["jsonl", "tensorboard"],
     )
     result = train(tc)
     return {"final_dir": str(result.final_dir), "log": str(result.log_path)}
@@ -323,14 +330,16 @@ def run_demo(cfg: DemoConfig) -> Path:
         source = Path(cfg.source) if cfg.source else st.run("source", default_source, "Pass --source.")
     from .modeling import resolve_model
 
-    source_dir = st.run("source", lambda: resolve_model(str(source), "source model").path, "Pass --source.")
+    source_dir = st.run("load source", lambda: resolve_model(str(source), "source model").path, "Pass --source.")
 
     models: dict[str, dict[str, Any]] = {}
     new_ids: dict[str, list[int]] = {}
     for method in cfg.methods:
         def do(method=method):
+            # clp's output calibration reads target-language text: the demo's own training split
+            extra = {"calibration_text": str(train_file)} if method == "clp" else {}
             r = transfer(str(source), str(helper), str(out / "targets" / method), method=method, seed=cfg.seed,
-                         overwrite=True)
+                         overwrite=True, **extra)
             return r.report
 
         report = st.run(f"transfer {method}", do, "Check free disk space.")
