@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clp_transfer.errors import ClpError, UnknownNameError
-from clp_transfer.methods import METHODS, EmbeddingProblem, compute_target_embeddings, sparsemax
+from clp_transfer.methods import (
+    METHODS,
+    EmbeddingProblem,
+    bias_direction,
+    calibrate_frequencies,
+    compute_target_embeddings,
+    mean_predicted_probability,
+    sparsemax,
+)
+
+SIM = {"pieces_weight": 0.0, "weighting": "topk_softmax"}  # clp's similarity part alone, top-k softmax
 
 
 def make_problem(v_s=60, v_t=50, d=8, d_h=6, n_shared=20, untied=True, pad=0, seed=0, dtype=torch.float32):
@@ -82,7 +94,7 @@ def one_hot_problem(n_shared=12, v_t=30, d_h=5, seed=0, helper=None):
 @given(seed=st.integers(0, 1000))
 def test_clp_rows_are_convex_combinations_of_shared_source_rows(params, seed):
     p = one_hot_problem(seed=seed)
-    sol = compute_target_embeddings(p, "clp", params)
+    sol = compute_target_embeddings(p, "clp", {**SIM, **params})
     w = sol.input[p.missing]  # [|M|, |S|] = the weights
     assert (w >= -1e-7).all()
     torch.testing.assert_close(w.sum(1), torch.ones(len(w)))
@@ -96,7 +108,7 @@ def test_clp_rows_are_convex_combinations_of_shared_source_rows(params, seed):
 def test_clp_puts_the_largest_weight_on_the_most_similar_shared_token():
     helper = torch.randn(30, 5, generator=torch.Generator().manual_seed(0))
     p = one_hot_problem(helper=helper)
-    w = compute_target_embeddings(p, "clp").input[p.missing]
+    w = compute_target_embeddings(p, "clp", SIM).input[p.missing]
     cos = torch.nn.functional.normalize(helper[p.missing], dim=1) @ torch.nn.functional.normalize(helper[:12], dim=1).T
     assert torch.equal(w.argmax(1), cos.argmax(1))
 
@@ -116,15 +128,15 @@ def test_clp_original_shows_its_defects_and_clp_does_not():
     p = make_problem(n_shared=40, seed=0)
     p.helper_input = torch.randn(50, 6, generator=g)
     orig = compute_target_embeddings(p, "clp-original").stats
-    ours = compute_target_embeddings(p, "clp").stats
+    ours = compute_target_embeddings(p, "clp", SIM).stats
     assert orig["negative_weights"] > 0 and ours["negative_weights"] == 0
     assert orig["norm_ratio_new_to_shared"] > 1.5 > ours["norm_ratio_new_to_shared"]
 
 
 def test_rescale_norms_matches_the_norms_of_the_mixed_rows():
     p = make_problem(n_shared=30)
-    plain = compute_target_embeddings(p, "clp").stats["norm_ratio_new_to_shared"]
-    scaled = compute_target_embeddings(p, "clp", {"rescale_norms": True}).stats["norm_ratio_new_to_shared"]
+    plain = compute_target_embeddings(p, "clp", SIM).stats["norm_ratio_new_to_shared"]
+    scaled = compute_target_embeddings(p, "clp", {**SIM, "rescale_norms": True}).stats["norm_ratio_new_to_shared"]
     assert plain < 0.9 and abs(scaled - 1) < 0.2
 
 
@@ -191,9 +203,123 @@ def test_linear_map_recovers_an_exact_linear_relation():
 def test_hybrid_interpolates_fvt_and_clp():
     p = make_problem(n_shared=30)
     f = compute_target_embeddings(p, "fvt").input
-    c = compute_target_embeddings(p, "clp").input
+    c = compute_target_embeddings(p, "clp", SIM).input
     for alpha in (0.0, 1.0, 0.3):
         h = compute_target_embeddings(p, "hybrid", {"alpha": alpha}).input
         for tid in p.missing.tolist():
             a = alpha if p.pieces[tid] else 0.0
             torch.testing.assert_close(h[tid], a * f[tid] + (1 - a) * c[tid])
+
+
+# ----------------------------------------------------------------------------- clp over pieces + calibration
+
+
+def with_calibration(p: EmbeddingProblem, n=40, seed=0, hidden=None) -> EmbeddingProblem:
+    g = torch.Generator().manual_seed(seed)
+    d, v_t = p.source_input.shape[1], p.source_id.shape[0]
+    if hidden is None:
+        hidden = torch.randn(n, d, generator=g) + 2.0  # a common component, as final hidden states have
+    counts = torch.randint(0, 50, (v_t,), generator=g).float()
+    return dataclasses.replace(p, calibration_hidden=hidden, token_counts=counts)
+
+
+@pytest.mark.parametrize("pieces_weight", [0.0, 0.4, 1.0])
+def test_clp_mixes_its_pieces_and_similar_tokens(pieces_weight):
+    p = make_problem(n_shared=30)
+    fvt = compute_target_embeddings(p, "fvt").input
+    sim = compute_target_embeddings(p, "clp", SIM).input
+    got = compute_target_embeddings(p, "clp", {**SIM, "pieces_weight": pieces_weight, "calibrate": 0}).input
+    for tid in p.missing.tolist():
+        a = pieces_weight if p.pieces[tid] else 0.0  # no piece covers it (a byte the source lacks): similarity
+        torch.testing.assert_close(got[tid], a * fvt[tid] + (1 - a) * sim[tid])
+
+
+def test_clp_default_is_sparse_similarity_rows_plus_calibration():
+    d = METHODS.get("clp").defaults
+    assert d["pieces_weight"] == 0.0 and d["weighting"] == "sparsemax" and d["calibrate"] == 1.0
+    p = make_problem(n_shared=30, untied=False)
+    plain = compute_target_embeddings(p, "clp")  # no calibration data: calibration skipped, says so
+    assert plain.stats["calibration"]["applied"] is False and "skipped" in plain.stats["calibration"]
+    assert torch.equal(plain.input, compute_target_embeddings(p, "clp", {"calibrate": 0}).input)
+    cal = compute_target_embeddings(with_calibration(p), "clp")
+    assert cal.stats["calibration"]["applied"] is True
+    assert not torch.equal(cal.input, plain.input)
+
+
+@pytest.mark.parametrize("untied", [False, True])
+@pytest.mark.parametrize("pad", [0, 14])
+def test_calibration_with_identical_states_matches_the_frequencies_exactly(untied, pad):
+    p = make_problem(n_shared=20, untied=untied, pad=pad)
+    h = torch.randn(1, 8, generator=torch.Generator().manual_seed(1)).expand(30, -1).contiguous()
+    q = with_calibration(p, hidden=h)
+    sol = compute_target_embeddings(q, "clp", {"calibrate": 1.0})
+    head = sol.output if untied else sol.input
+    f = q.token_counts + 0.5
+    p_bar = mean_predicted_probability(head, h)[:50]
+    # the padding rows keep their share; the tokens' shares are in the ratio of their frequencies
+    torch.testing.assert_close(p_bar / p_bar.sum(), f / f.sum(), rtol=1e-4, atol=1e-6)
+    if untied:  # the input side is untouched when the head is separate
+        assert torch.equal(sol.input, compute_target_embeddings(p, "clp", {"calibrate": 0}).input)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 99), untied=st.booleans(), strength=st.sampled_from([0.3, 0.7, 1.0]))
+def test_calibration_moves_mean_predictions_towards_frequencies(seed, untied, strength):
+    p = with_calibration(make_problem(n_shared=20, untied=untied, seed=seed), seed=seed)
+    before = compute_target_embeddings(p, "clp", {"calibrate": 0})
+    after = compute_target_embeddings(p, "clp", {"calibrate": strength})
+    f = p.token_counts + 0.5
+    f = f / f.sum()
+
+    def kl(sol):
+        q = mean_predicted_probability(sol.output if untied else sol.input, p.calibration_hidden)
+        return float((f * (f / q).log()).sum())
+
+    assert kl(after) < kl(before)
+    assert torch.isfinite(after.input).all()
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_calibration_of_new_rows_only_keeps_shared_rows(untied):
+    p = with_calibration(make_problem(n_shared=25, untied=untied))
+    sol = compute_target_embeddings(p, "clp", {"calibrate_shared": False})
+    s = p.shared
+    torch.testing.assert_close(sol.input[s], p.source_input[p.source_id[s]], rtol=0, atol=0)
+    if untied:
+        torch.testing.assert_close(sol.output[s], p.source_output[p.source_id[s]], rtol=0, atol=0)
+    assert sol.stats["calibration"]["rows_shifted"] == len(p.missing)
+
+
+def test_bias_direction_shifts_the_mean_logit_by_the_bias():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 8, generator=g) + 1.0
+    head = torch.randn(10, 8, generator=g)
+    counts = torch.arange(10.0)
+    new, shift = calibrate_frequencies(head, h, counts, torch.arange(10), strength=0.5)
+    torch.testing.assert_close((h @ new.T - h @ head.T).mean(0), shift)
+    torch.testing.assert_close(h.mean(0) @ bias_direction(h), torch.tensor(1.0))
+
+
+def test_calibrated_methods_are_deterministic():
+    p = with_calibration(make_problem(n_shared=20, untied=False))
+    a = compute_target_embeddings(p, "clp", seed=1)
+    b = compute_target_embeddings(p, "clp", seed=1)
+    assert torch.equal(a.input, b.input)
+
+
+def test_calibration_input_errors():
+    p = make_problem()
+    with pytest.raises(ClpError, match="both calibration_hidden and token_counts"):
+        dataclasses.replace(p, calibration_hidden=torch.randn(4, 8))
+    with pytest.raises(ClpError, match=r"calibration_hidden must be \[N, 8\]"):
+        dataclasses.replace(p, calibration_hidden=torch.randn(4, 7), token_counts=torch.ones(50))
+    with pytest.raises(ClpError, match="one entry per target token"):
+        dataclasses.replace(p, calibration_hidden=torch.randn(4, 8), token_counts=torch.ones(49))
+    with pytest.raises(ClpError, match="calibrate must be >= 0"):
+        compute_target_embeddings(p, "clp", {"calibrate": -1})
+    with pytest.raises(ClpError, match="pieces_weight must lie in"):
+        compute_target_embeddings(p, "clp", {"pieces_weight": 1.5})
+    with pytest.raises(ClpError, match="needs the decomposition"):
+        compute_target_embeddings(dataclasses.replace(p, pieces=None), "clp", {"pieces_weight": 1.0})
+    with pytest.raises(ClpError, match="average to zero"):
+        bias_direction(torch.zeros(3, 8))

@@ -261,3 +261,45 @@ def test_hub_ids_fail_clearly_offline(tmp_path, pair, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ClpError, match="could not be fetched"):
         transfer("EleutherAI/pythia-410m", pair[1], str(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("arch,tied,src_kind,hlp_kind", [("llama", True, "bpe", "bpe"), ("gpt_neox", None, "bpe", "bpe")])
+def test_calibration_text_calibrates_the_output_side(tmp_path, model_factory, german_lines, arch, tied, src_kind,
+                                                     hlp_kind):
+    src_dir = model_factory(arch, "en", src_kind, tied=tied, vocab=420, pad=64)
+    hlp_dir = model_factory("gpt2", "de", hlp_kind, vocab=450, hidden=16)
+    text = tmp_path / "de.jsonl"
+    text.write_text("".join(json.dumps({"text": line}) + "\n" for line in german_lines))
+    plain = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "plain"), method="clp")
+    assert plain.report["new_rows"]["calibration"]["applied"] is False
+    assert plain.report["calibration_text"] is None
+    runs = [transfer(str(src_dir), str(hlp_dir), str(tmp_path / name), method="clp", calibration_text=str(text),
+                     calibration_tokens=64) for name in ("a", "b")]
+    cal = runs[0].report["new_rows"]["calibration"]
+    assert cal["applied"] is True and cal["positions"] == 64 and cal["counted_tokens"] > 100
+    assert "calibration_s" in runs[0].report["timings"]
+    ta, tb, tp = tensors(runs[0].path), tensors(runs[1].path), tensors(plain.path)
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)  # deterministic
+    model, tok = load(runs[0].path)
+    e, o = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    e_plain = load(plain.path)[0].get_input_embeddings().weight
+    if model.config.tie_word_embeddings:
+        assert not torch.equal(e, e_plain)  # the tied matrix is the output side: it moves
+    else:  # an untied head moves, the input rows stay those of the uncalibrated method
+        assert torch.equal(e, e_plain)
+        assert not torch.equal(o, load(plain.path)[0].get_output_embeddings().weight)
+    assert torch.isfinite(o).all()
+    ids = tok("Die Katze", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] > 2
+    # without calibration the method is what it always was
+    t0 = tensors(transfer(str(src_dir), str(hlp_dir), str(tmp_path / "c0"), method="clp",
+                          params={"calibrate": 0}).path)
+    assert all(torch.equal(tp[k], t0[k]) for k in tp)
+
+
+def test_bad_calibration_text_fails_clearly(tmp_path, model_factory):
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    with pytest.raises(ClpError, match="does not exist"):
+        transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), method="clp", calibration_text=str(tmp_path / "no"))
+    assert not (tmp_path / "x").exists()

@@ -44,6 +44,13 @@ class EmbeddingProblem:
     """Per target id, the source ids of its pieces under the source vocabulary (required by FVT)."""
     source_padding_ids: list[int] = field(default_factory=list)
     """Source rows that no token uses (padding); their mean fills the target's padding rows."""
+    calibration_hidden: torch.Tensor | None = None
+    """H [N, d]: final (normalised) hidden states of the target model - source body, this method's input rows
+    without calibration - at N positions of target-language text. Optional; filled by the I/O code only when
+    the method calibrates (``calibrate > 0``)."""
+    token_counts: torch.Tensor | None = None
+    """c [V_t]: how often each target token occurs in target-language text (target tokenizer). Optional, as
+    ``calibration_hidden``."""
 
     def __post_init__(self) -> None:
         v_t = self.source_id.shape[0]
@@ -56,6 +63,15 @@ class EmbeddingProblem:
             )
         if self.source_output is not None and self.source_output.shape != self.source_input.shape:
             raise ClpError("source input and output embeddings differ in shape")
+        if (self.calibration_hidden is None) != (self.token_counts is None):
+            raise ClpError("calibration needs both calibration_hidden and token_counts")
+        if self.calibration_hidden is not None:
+            if self.calibration_hidden.dim() != 2 or self.calibration_hidden.shape[1] != self.source_input.shape[1]:
+                raise ClpError(f"calibration_hidden must be [N, {self.source_input.shape[1]}], "
+                               f"got {list(self.calibration_hidden.shape)}")
+            if self.token_counts.shape != (v_t,):
+                raise ClpError(f"token_counts must have one entry per target token ({v_t}), "
+                               f"got {list(self.token_counts.shape)}")
 
     @property
     def shared(self) -> torch.Tensor:
@@ -94,6 +110,14 @@ class MethodSpec:
     needs_helper: bool = False
     needs_pieces: bool = False
     defaults: dict[str, Any] = field(default_factory=dict)
+
+    def wants_pieces(self, params: dict[str, Any]) -> bool:
+        """Whether the I/O code should decompose target tokens into source pieces for these parameters."""
+        return self.needs_pieces or float(params.get("pieces_weight", 0)) > 0
+
+    def wants_calibration(self, params: dict[str, Any]) -> bool:
+        """Whether these parameters ask for the output calibration (token counts + hidden states)."""
+        return float(params.get("calibrate", 0)) > 0
 
 
 METHODS: Registry[MethodSpec] = Registry("transfer method")
@@ -194,19 +218,16 @@ def clp_original(problem: EmbeddingProblem, generator: torch.Generator | None = 
     return _apply_weights(problem, weights)
 
 
-@register("clp", "CLP with sparse convex weights: top-k softmax (or sparsemax) over helper cosines",
-          needs_helper=True, weighting="topk_softmax", top_k=10, temperature=0.05, rescale_norms=False,
-          center=False)
-def clp(
+def similarity_rows(
     problem: EmbeddingProblem,
-    generator: torch.Generator | None = None,
     weighting: str = "topk_softmax",
     top_k: int = 10,
     temperature: float = 0.05,
     rescale_norms: bool = False,
     center: bool = False,
 ) -> NewRows:
-    """Weights over the ``top_k`` most similar shared tokens (in the helper space).
+    """CLP's similarity part: each new row [d] is a convex mix of the source rows of the ``top_k`` shared
+    tokens most similar to it in the helper space (cosines [|M|, |S|], computed block-wise).
 
     ``weighting``: ``topk_softmax`` = softmax(cos / temperature) over the top-k; ``sparsemax`` = sparsemax
     of cos / temperature over all shared tokens (sparse by construction); ``topk_uniform`` = plain mean of
@@ -249,6 +270,53 @@ def clp(
             if rows.output is not None:
                 rows.output[sl] = _rescale_norms(rows.output[sl], _combine(idx, w, norms_out[:, None]))
     return rows
+
+
+@register("clp", "CLP with sparse weights and output calibration (the measured winner): each new row is a sparse "
+          "convex mix of the source rows of helper-similar shared tokens (sparsemax; pieces_weight mixes in the "
+          "token's own pieces, FVT), then the output side is calibrated to token frequencies of target text", needs_helper=True,
+          pieces_weight=0.0, weighting="sparsemax", top_k=10, temperature=0.05, rescale_norms=False,
+          center=False, calibrate=1.0, calibrate_shared=True)
+def clp(
+    problem: EmbeddingProblem,
+    generator: torch.Generator | None = None,
+    pieces_weight: float = 0.0,
+    weighting: str = "sparsemax",
+    top_k: int = 10,
+    temperature: float = 0.05,
+    rescale_norms: bool = False,
+    center: bool = False,
+) -> NewRows:
+    """new row [d] = pieces_weight * FVT row + (1 - pieces_weight) * similarity row.
+
+    The FVT row is the mean source row of the token's pieces under the source vocabulary
+    (``problem.pieces``); the similarity row is the CLP rule with sparse weights (see :func:`similarity_rows`
+    for ``weighting``, ``top_k``, ``temperature``, ``rescale_norms``, ``center``). Tokens no source piece
+    covers (e.g. single bytes the source vocabulary lacks) take the similarity row alone, whatever
+    ``pieces_weight``. The default (``pieces_weight=0``, sparsemax, calibrated) won on the dev split; the
+    previous default was ``pieces_weight=0, weighting=topk_softmax, calibrate=0``.
+    The calibration parameters ``calibrate`` / ``calibrate_shared`` are applied by
+    :func:`compute_target_embeddings` after the rows are assembled (see :func:`calibrate_frequencies`).
+    """
+    if not 0 <= pieces_weight <= 1:
+        raise ClpError("pieces_weight must lie in [0, 1]")
+    missing = problem.missing.tolist()
+    if pieces_weight > 0 and problem.pieces is None:
+        raise ClpError("clp with pieces_weight > 0 needs the decomposition of target tokens into source pieces")
+    has_pieces = torch.tensor([bool(problem.pieces and problem.pieces[t]) for t in missing], dtype=torch.float32)
+    w = (pieces_weight * has_pieces)[:, None]  # [|M|, 1]
+    info: dict[str, Any] = {"no_pieces": int((has_pieces == 0).sum())}
+    if bool((w == 1).all()):  # the similarity part has no weight anywhere: skip the cosines
+        return fvt(problem, generator)
+    sim = similarity_rows(problem, weighting, top_k, temperature, rescale_norms, center)
+    if bool((w == 0).all()):
+        return NewRows(sim.input, sim.output, {**sim.info, **info})
+    pie = fvt(problem, generator)
+
+    def mix(x, y):
+        return None if x is None else w * x + (1 - w) * y
+
+    return NewRows(mix(pie.input, sim.input), mix(pie.output, sim.output), {**sim.info, **info})
 
 
 @register("fvt", "fast vocabulary transfer: mean of the source rows of the token's pieces under the source "
@@ -308,7 +376,7 @@ def hybrid(problem: EmbeddingProblem, generator: torch.Generator | None = None, 
     if not 0 <= alpha <= 1:
         raise ClpError("alpha must lie in [0, 1]")
     a = fvt(problem, generator)
-    b = clp(problem, generator, top_k=top_k, temperature=temperature)
+    b = similarity_rows(problem, top_k=top_k, temperature=temperature)
     # Tokens with no pieces fall back to the mean row in FVT: use CLP alone for them.
     has_pieces = torch.tensor([bool(problem.pieces[t]) for t in problem.missing.tolist()]).float()[:, None]
     w = alpha * has_pieces
@@ -352,6 +420,62 @@ def random_init(
     return NewRows(new_in, new_out, {"std": s})
 
 
+# --------------------------------------------------------------------------------------------- calibration
+
+CALIBRATION_PARAMS = ("calibrate", "calibrate_shared")
+"""Method parameters that :func:`compute_target_embeddings` applies after assembling the rows."""
+
+
+def mean_predicted_probability(head: torch.Tensor, hidden: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """p̄ [R]: the softmax over logits ``hidden @ head.T`` ([N, R]) averaged over the N positions."""
+    head = head.float()
+    total = torch.zeros(head.shape[0], dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk):
+        total += torch.softmax(hidden[start:start + chunk].float() @ head.T, dim=-1).sum(0)
+    return total / hidden.shape[0]
+
+
+def bias_direction(hidden: torch.Tensor) -> torch.Tensor:
+    """u [d] = h̄ / |h̄|² with h̄ the mean of ``hidden`` [N, d]: adding ``b · u`` to an output row raises that
+    token's logit by ``b`` on average over the positions - an emulated per-token bias for heads without one."""
+    mean = hidden.float().mean(0)
+    sq = float(mean @ mean)
+    if sq <= 1e-12:
+        raise ClpError("the calibration hidden states average to zero: no direction to emulate a bias with")
+    return mean / sq
+
+
+def calibrate_frequencies(
+    head: torch.Tensor,
+    hidden: torch.Tensor,
+    counts: torch.Tensor,
+    rows: torch.Tensor,
+    strength: float = 1.0,
+    smoothing: float = 0.5,
+    max_shift: float = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shift output rows so the model's mean predicted probability of each token approaches its frequency.
+
+    ``head`` [R, d] output rows (R >= V_t; rows past V_t, e.g. padding, take part in the softmax but are never
+    shifted); ``hidden`` [N, d] final hidden states at positions of target text; ``counts`` [V_t] token
+    counts in target text; ``rows`` [k] the target ids to shift. With f = (counts + smoothing) normalised and
+    p̄ = :func:`mean_predicted_probability`, token t gets the logit shift
+    ``b_t = strength · clamp(log f_t - log p̄_t, ±max_shift)``, applied as ``row_t += b_t · u``
+    (:func:`bias_direction`). With identical hidden states and ``strength=1`` the mean predicted
+    distribution equals f exactly; in general this is one damped step towards the maximum-likelihood biases.
+    Returns the new head [R, d] (float32) and the shifts b [V_t] (zero outside ``rows``).
+    """
+    v_t = counts.shape[0]
+    f = counts.float().clamp_min(0) + smoothing
+    f = f / f.sum()
+    p_bar = mean_predicted_probability(head, hidden)[:v_t].clamp_min(1e-30)
+    shift = torch.zeros(v_t)
+    shift[rows] = (strength * (f.log() - p_bar.log()).clamp(-max_shift, max_shift))[rows]
+    out = head.float().clone()
+    out[:v_t] += shift[:, None] * bias_direction(hidden)[None, :]
+    return out, shift
+
+
 # --------------------------------------------------------------------------------------------- driver
 
 
@@ -392,9 +516,18 @@ def compute_target_embeddings(
 
     Row ``i`` of each returned matrix belongs to target token ``i``; rows past the vocabulary (padding)
     get the mean of the source's padding rows, or zeros. The result has the source's dtype.
+
+    Methods with a ``calibrate`` parameter > 0 then shift the output rows (the tied matrix, or the untied
+    head) with :func:`calibrate_frequencies` - all target tokens, or only the new ones when
+    ``calibrate_shared`` is false - provided ``problem.calibration_hidden`` and ``problem.token_counts`` are
+    set; without them the calibration is skipped and the stats say so.
     """
     spec = METHODS.get(method)
-    kwargs = method_params(method, params)
+    all_params = method_params(method, params)
+    kwargs = {k: v for k, v in all_params.items() if k not in CALIBRATION_PARAMS}
+    strength = float(all_params.get("calibrate", 0.0))
+    if strength < 0:
+        raise ClpError("calibrate must be >= 0 (0 switches the calibration off)")
     if spec.needs_helper and problem.helper_input is None:
         raise ClpError(f"method {method!r} needs the helper model's embeddings")
     if spec.needs_pieces and problem.pieces is None:
@@ -422,6 +555,24 @@ def compute_target_embeddings(
 
     target_in = assemble(problem.source_input, rows.input)
     target_out = assemble(problem.source_output, rows.output) if problem.source_output is not None else None
+    calibration: dict[str, Any] = {"applied": False}
+    if strength > 0 and len(missing):
+        if problem.calibration_hidden is None:
+            calibration["skipped"] = "no calibration text (token counts and hidden states) was given"
+        else:
+            # The output side: the untied head, or the tied matrix (then the input rows move with it).
+            rows_to_shift = torch.arange(v_t) if all_params.get("calibrate_shared", True) else missing
+            head, shift = calibrate_frequencies(target_out if target_out is not None else target_in,
+                                                problem.calibration_hidden, problem.token_counts,
+                                                rows_to_shift, strength)
+            if target_out is not None:
+                target_out = head.to(dtype)
+            else:
+                target_in = head.to(dtype)
+            moved = shift[rows_to_shift]
+            calibration = {"applied": True, "positions": int(problem.calibration_hidden.shape[0]),
+                           "counted_tokens": int(problem.token_counts.sum()), "rows_shifted": len(rows_to_shift),
+                           "mean_abs_shift": float(moved.abs().mean()), "mean_shift_new": float(shift[missing].mean())}
     if not torch.isfinite(target_in).all() or (target_out is not None and not torch.isfinite(target_out).all()):
         raise ClpError(f"method {method!r} produced non-finite embeddings")
 
@@ -431,7 +582,7 @@ def compute_target_embeddings(
     shared_norm = norm(target_in[shared])
     stats = {
         "method": method,
-        "params": kwargs,
+        "params": all_params,
         "target_vocab_size": v_t,
         "target_rows": problem.target_rows,
         "shared": len(shared),
@@ -441,6 +592,8 @@ def compute_target_embeddings(
         "norm_ratio_new_to_shared": norm(target_in[missing]) / shared_norm if len(missing) else None,
         **rows.info,
     }
+    if strength > 0:
+        stats["calibration"] = calibration
     if target_out is not None and len(missing):
         stats["norm_ratio_new_to_shared_output"] = norm(target_out[missing]) / norm(target_out[shared])
     return EmbeddingSolution(target_in, target_out, stats)

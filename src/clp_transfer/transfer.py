@@ -75,6 +75,14 @@ class TransferConfig:
     original implementation's defect (head rows left in source positions), for ablations only."""
     pad_to_multiple_of: int | None = None
     """Pad the target vocabulary rows to a multiple of this (default: as the source, when it was padded)."""
+    calibration_text: str | None = None
+    """Target-language text (.txt: a document per line; .jsonl: a "text" field; .gz allowed) for methods with
+    calibrate > 0, such as the default clp: target-token counts and one forward pass of the target model
+    (loads the whole source model). Without it the calibration is skipped with a warning."""
+    calibration_tokens: int = 4096
+    """Positions of calibration text the target model is run on (hidden states for the calibration)."""
+    calibration_count_bytes: int = 16_000_000
+    """UTF-8 bytes of calibration text whose target tokens are counted (token frequencies)."""
     overwrite: bool = False
     """Replace an existing output directory."""
     allow_pickle: bool = False
@@ -169,6 +177,70 @@ def _update_config(cfg: dict[str, Any], rows: int, roles: dict[str, int]) -> dic
     return cfg
 
 
+def calibration_statistics(
+    source_dir: Path,
+    input_rows: torch.Tensor,
+    tokenizer: Any,
+    text: str,
+    positions: int = 4096,
+    count_bytes: int = 16_000_000,
+    seq_len: int = 512,
+    trust_remote_code: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the output calibration needs, from target-language text (the file ``text``).
+
+    Returns ``hidden`` [N, d]: the final (normalised) hidden states of the source body fed with the target
+    input rows ``input_rows`` [R, d], at N = ``positions`` positions of the text (documents joined by the
+    tokenizer's document separator; up to ``seq_len`` tokens from each of documents taken in a fixed
+    pseudo-random order, so sorted files are sampled evenly; cut into sequences of ``seq_len``), and
+    ``counts`` [V_t]: how often each target token occurs in the first ``count_bytes`` bytes of the text
+    (plus one separator per document).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from .perplexity import prefix_rule, read_documents
+
+    if positions < 1 or count_bytes < 1:
+        raise ClpError("calibration_tokens and calibration_count_bytes must be positive")
+    path = Path(text)
+    if not path.is_file():
+        raise ClpError(f"calibration text {text!r} does not exist; give a .txt or .jsonl file of target text")
+    sep, _ = prefix_rule(tokenizer)
+    v_t = len(tokenizer)
+    docs: list[list[int]] = []
+    n_bytes = 0
+    for doc in read_documents(path):
+        docs.append(([sep] if sep is not None else []) + tokenizer(doc, add_special_tokens=False)["input_ids"])
+        n_bytes += len(doc.encode("utf-8"))
+        if n_bytes >= count_bytes:
+            break
+    if not docs or sum(len(d) for d in docs) < 2:
+        raise ClpError(f"calibration text {text!r} has no usable documents")
+    counts = torch.zeros(v_t, dtype=torch.float64)
+    for d in docs:
+        counts += torch.bincount(torch.tensor(d, dtype=torch.long), minlength=v_t)[:v_t].double()
+    # Forward positions from documents spread over the whole text (files are often sorted by source), at most
+    # seq_len tokens of each, in a fixed pseudo-random order.
+    stream: list[int] = []
+    for i in torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist():
+        stream.extend(docs[i][:seq_len])
+        if len(stream) >= positions:
+            break
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code).eval()
+    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(input_rows.float(), freeze=True))
+    ctx = getattr(model.config, "max_position_embeddings", None) or seq_len
+    seq_len = max(1, min(seq_len, ctx))
+    ids = torch.tensor(stream[:positions])
+    hidden = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(ids), seq_len), desc="calibration pass", unit="seq", leave=False):
+            out = model.base_model(input_ids=ids[start:start + seq_len][None]).last_hidden_state
+            hidden.append(out[0].float())
+    del model
+    return torch.cat(hidden), counts.float()
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -246,7 +318,7 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
             f"the helper's tokenizer shares no ordinary token with the source's ({len(target_vocab)} vs "
             f"{len(source_vocab)} tokens): the transfer has nothing to anchor the new embeddings on"
         )
-    pieces = decompose(target_vocab, source_vocab) if spec.needs_pieces else None
+    pieces = decompose(target_vocab, source_vocab) if spec.wants_pieces(method_params(cfg.method, params)) else None
     timings["match_s"] = time.perf_counter() - t
 
     rows, multiple = padded_rows(len(target_vocab), e_s.shape[0], len(source_vocab), cfg.pad_to_multiple_of)
@@ -263,6 +335,19 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
     t = time.perf_counter()
     solution = compute_target_embeddings(problem, cfg.method, params, seed=cfg.seed)
     timings["compute_s"] = time.perf_counter() - t
+    if spec.wants_calibration(solution.stats["params"]) and match.missing_ids:
+        if cfg.calibration_text is None:
+            log.warning("method %r calibrates the output side to target-text token frequencies, but no "
+                        "--calibration_text was given: calibration skipped (pass target-language text, or "
+                        "--params calibrate=0 to silence this)", cfg.method)
+        else:
+            t = time.perf_counter()
+            hidden, token_counts = calibration_statistics(src.path, solution.input, tgt_tok, cfg.calibration_text,
+                                                    cfg.calibration_tokens, cfg.calibration_count_bytes,
+                                                    trust_remote_code=cfg.trust_remote_code)
+            problem = dataclasses.replace(problem, calibration_hidden=hidden, token_counts=token_counts)
+            solution = compute_target_embeddings(problem, cfg.method, params, seed=cfg.seed)
+            timings["calibration_s"] = time.perf_counter() - t
     del e_h
 
     if o_s is not None and not cfg.transfer_untied_head:
@@ -286,6 +371,7 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
         "params": solution.stats.get("params", {}),
         "seed": cfg.seed,
         "canonical_matching": cfg.canonical_matching,
+        "calibration_text": cfg.calibration_text,
         "transfer_untied_head": cfg.transfer_untied_head,
         "matching": counts,
         "special_tokens": _special_report(target_vocab, source_vocab, match),

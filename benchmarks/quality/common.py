@@ -1,0 +1,45 @@
+"""Paths and small helpers shared by the initialisation-quality benchmark scripts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CACHE = REPO / "benchmarks" / ".cache" / "quality"
+DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
+SPLITS = ("helper_train", "dev", "test", "en_train")
+
+
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    return Path(path) if path else DEFAULT_CACHE
+
+
+def splits_dir(cache: str | os.PathLike | None = None) -> Path:
+    return cache_dir(cache) / "splits"
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def jsonl_text(rows: Iterable[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
