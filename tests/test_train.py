@@ -292,3 +292,24 @@ def test_embedding_parameters_any_architecture(model_factory):
     for arch, tied, n in (("gpt2", None, 1), ("llama", False, 2), ("gpt_neox", False, 2), ("llama", True, 1)):
         m = AutoModelForCausalLM.from_pretrained(model_factory(arch, "en", tied=tied))
         assert len(embedding_parameters(m)) == n
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_yaml_configs_are_valid(path):
+    from clp_transfer.config import from_dict, load_yaml
+
+    cfg = from_dict(TrainConfig, load_yaml(path), where=str(path))
+    cfg.model, cfg.data, cfg.output_dir = cfg.model or "m", "d", "o"
+    cfg.validate()
+
+
+def test_tiny_cpu_config_trains_with_overrides(setup, tmp_path):
+    model_dir, data = setup
+    assert cli(["train", "--config", str(CONFIGS / "tiny_cpu.yaml"), "--model", str(model_dir), "--data", str(data),
+                "--output_dir", str(tmp_path / "o"), "--max_steps", "4", "--block_size", str(BLOCK),
+                "--report_to", "jsonl", "--no-progress"]) == 0
+    saved = (tmp_path / "o" / "run_config.yaml").read_text()
+    assert "embedding_tuning_ratio: 0.5" in saved and "max_steps: 4" in saved
