@@ -255,6 +255,11 @@ def test_bad_inputs_are_refused_with_clear_messages(setup, tmp_path, model_facto
         train(cfg_for(setup, tmp_path / "e", data=str(tmp_path / "nothing")))
     for p in ("a", "b", "c", "e"):
         assert not (tmp_path / p / "final").exists()
+    # --overwrite with bad data keeps the old run: it is only removed once the new run passed every check
+    good = train(cfg_for(setup, tmp_path / "f", max_steps=1, final_eval=False))
+    with pytest.raises(ClpError, match="context length"):
+        train(cfg_for(setup, tmp_path / "f", block_size=100_000, overwrite=True))
+    assert (good.final_dir / "model.safetensors").is_file()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):

@@ -229,11 +229,15 @@ def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
             return ckpts[-1][1]
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", run_dir)
         return None
-    if cfg.overwrite and occupied and is_main:
+    return None
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """--overwrite: remove the old run, only once the new one has passed every check."""
+    if run_dir.exists() and any(run_dir.iterdir()):
         aside = run_dir.parent / f".{run_dir.name}.old-{os.getpid()}"
         run_dir.rename(aside)  # rename first: an interruption leaves the old run recoverable, not half-deleted
         shutil.rmtree(aside, ignore_errors=True)
-    return None
 
 
 # --------------------------------------------------------------------------------------------- logging
@@ -394,7 +398,6 @@ def train(config: TrainConfig) -> TrainResult:
 
     run_dir = Path(cfg.output_dir)  # type: ignore[arg-type]
     resume_from = prepare_run_dir(cfg, is_main)
-    accelerator.wait_for_everyone()
 
     train_shards = TokenShards(cfg.data, "train")  # type: ignore[arg-type]
     try:
@@ -409,6 +412,9 @@ def train(config: TrainConfig) -> TrainResult:
         cfg.block_size = min(x for x in (train_shards.index.block_size or 1024, ctx or 10**9))
     block = int(cfg.block_size)
     check_data(model, tokenizer, train_shards, valid_shards, block)
+    if cfg.overwrite and is_main:
+        clear_run_dir(run_dir)
+    accelerator.wait_for_everyone()
 
     total_steps = _total_steps(cfg, world)
     min_ratio = cfg.min_lr / cfg.learning_rate
