@@ -280,15 +280,19 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
         f"documents, {results['heldout']['bytes']} bytes, never used for training."
         + (" **Quick mode: tiny random models, the numbers only show that the stages run.**" if results["quick"] else ""),
         "",
-        "| model | tokenizer | tokens per word | bits per byte, step 0 | after tuning | loss on new / shared tokens (step 0) | time (s) |",
-        "|---|---|---:|---:|---:|---|---:|",
+        "| model | tokenizer | tokens per word | bits per byte, step 0 | after tuning | loss on new / shared tokens (step 0) | transfer (s) | tuning (s) |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
+    timings = results["timings"]
     for name, r in rows.items():
         after = r.get("after_training", {}).get("bits_per_byte")
         classes = f"{r['loss_new']:.2f} / {r['loss_shared']:.2f}" if r.get("loss_new") is not None else ""
         after_s = f"{after:.3f}" if after is not None else ""
+        method = name.split("target: ", 1)[1] if name.startswith("target: ") else None
+        t_transfer = timings.get(f"transfer {method}", "") if method else ""
+        t_train = timings.get(f"train {method}", "") if method else ""
         lines.append(f"| {name} | {r['tokenizer']} | {r['tokens_per_word']:.2f} | {r['bits_per_byte']:.3f} | "
-                     f"{after_s} | {classes} | {r.get('seconds', 0):.0f} |")
+                     f"{after_s} | {classes} | {t_transfer} | {t_train} |")
     if results.get("plot"):
         lines += ["", f"![learning curves]({Path(results['plot']).name})"]
     lines += ["", "## Greedy generations", ""]
