@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,3 +172,101 @@ class TokenShards:
                 f"(hash {self.index.tokenizer_hash}), not with the model's tokenizer (hash {fp}); "
                 "re-run `clp-transfer prepare --tokenizer <model dir>`"
             )
+
+
+class ShardWriter:
+    """Append token ids to one split's shards; :meth:`close` writes ``index.json`` last.
+
+    A split directory without ``index.json`` is incomplete, and readers (:func:`split_dir`) do not see it.
+    Shards are ``00000.bin``, ``00001.bin``, ... of at most ``max_shard_tokens`` ids each; a document may
+    continue into the next shard (readers see one long array).
+
+    >>> with ShardWriter(d, dtype="uint16", tokenizer_name="t", tokenizer_hash="h", vocab_size=100,
+    ...                  eos_token_id=0) as w:            # doctest: +SKIP
+    ...     w.write(np.array([5, 6, 0], dtype=np.uint16))
+    ...     w.finish(num_documents=1, num_bytes=7)
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        dtype: str | np.dtype,
+        tokenizer_name: str,
+        tokenizer_hash: str,
+        vocab_size: int,
+        eos_token_id: int,
+        block_size: int | None = None,
+        max_shard_tokens: int = 2**27,
+    ) -> None:
+        if max_shard_tokens <= 0:
+            raise ValueError("max_shard_tokens must be positive")
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self.max_shard_tokens = int(max_shard_tokens)
+        self.index = ShardIndex(
+            dtype=self.dtype.name, tokenizer_name=tokenizer_name, tokenizer_hash=tokenizer_hash,
+            vocab_size=int(vocab_size), eos_token_id=int(eos_token_id), num_documents=0, num_bytes=0,
+            num_tokens=0, block_size=block_size,
+        )
+        self._file: Any = None
+        self._in_shard = 0
+        self.closed = False
+
+    def _open_next(self) -> None:
+        self._close_shard()
+        name = f"{len(self.index.shards):05d}.bin"
+        self._file = open(self.dir / name, "wb")
+        self.index.shards.append(ShardInfo(file=name, num_tokens=0))
+        self._in_shard = 0
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def write(self, ids: np.ndarray) -> None:
+        """Append ``ids`` (any integer dtype; values must fit the shard dtype)."""
+        ids = np.asarray(ids)
+        if ids.dtype != self.dtype:
+            if ids.size and (int(ids.min()) < 0 or int(ids.max()) > np.iinfo(self.dtype).max):
+                raise ValueError(f"token ids outside the range of {self.dtype}")
+            ids = ids.astype(self.dtype)
+        ids = np.ascontiguousarray(ids)
+        pos = 0
+        while pos < len(ids):
+            if self._file is None or self._in_shard >= self.max_shard_tokens:
+                self._open_next()
+            take = min(len(ids) - pos, self.max_shard_tokens - self._in_shard)
+            self._file.write(memoryview(ids[pos : pos + take]).cast("B"))
+            self._in_shard += take
+            self.index.shards[-1].num_tokens += take
+            self.index.num_tokens += take
+            pos += take
+
+    def finish(self, num_documents: int, num_bytes: int) -> ShardIndex:
+        """Close the last shard and write ``index.json`` (the split is complete from then on)."""
+        self._close_shard()
+        self.index.num_documents = int(num_documents)
+        self.index.num_bytes = int(num_bytes)
+        tmp = self.dir / ".index.json.tmp"
+        tmp.write_text(self.index.to_json(), encoding="utf-8")
+        os.replace(tmp, self.dir / "index.json")
+        self.closed = True
+        return self.index
+
+    def abort(self) -> None:
+        """Close open files without writing the index."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.closed:
+            self.abort()
