@@ -49,17 +49,17 @@ class DemoConfig:
     """Transfer methods to compare at step 0."""
     train_methods: list[str] = field(default_factory=lambda: ["clp", "random"])
     """Targets that get the short continued-pretraining run."""
-    helper_minutes: float = 2.0
+    helper_minutes: float = 1.5
     """Wall-clock budget for training the German helper model."""
     helper_vocab_size: int = 8000
     """Vocabulary of the German tokenizer (the target vocabulary)."""
-    train_steps: int = 40
+    train_steps: int = 16
     """Optimizer steps of the embedding-tuning run of each target."""
     train_batch_size: int = 4
     """Sequences per step in that run."""
-    block_size: int = 128
+    block_size: int = 64
     """Sequence length in that run."""
-    heldout_bytes: int = 12000
+    heldout_bytes: int = 8000
     """UTF-8 bytes of held-out German text to score every model on."""
     seed: int = 0
     """Seed of the split, the helper, the transfers and the training runs."""
@@ -224,13 +224,13 @@ def prepare_data(train_file: Path, tokenizer_dir: Path, out: Path, cfg: DemoConf
 
 
 def train_target(model_dir: Path, data_dir: Path, out_dir: Path, cfg: DemoConfig) -> dict[str, Any]:
-    """The seed's embedding tuning: body frozen, input embeddings (and an untied head) trained at lr 2e-3."""
+    """The seed's embedding tuning: body frozen, input embeddings (and an untied head) trained at lr 1e-3."""
     from .train import TrainConfig, train
 
     tc = TrainConfig(
         model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), overwrite=True,
         max_steps=cfg.train_steps, per_device_train_batch_size=cfg.train_batch_size, block_size=cfg.block_size,
-        embedding_tuning_ratio=1.0, embedding_learning_rate=2e-3, warmup_ratio=0.1,
+        embedding_tuning_ratio=1.0, embedding_learning_rate=1e-3, warmup_ratio=0.1,
         eval_steps=max(2, cfg.train_steps // 4), eval_batches=2, per_device_eval_batch_size=cfg.train_batch_size,
         final_eval=False, logging_steps=max(1, cfg.train_steps // 20), save_steps=0, seed=cfg.seed,
         report_to=["jsonl", "tensorboard"],
@@ -341,7 +341,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     for method in cfg.methods:
         def do(method=method):
             # clp's output calibration reads target-language text: the demo's own training split
-            extra = {"calibration_text": str(train_file)} if method == "clp" else {}
+            extra = {"calibration_text": str(train_file), "calibration_tokens": 2048} if method == "clp" else {}
             r = transfer(str(source), str(helper), str(out / "targets" / method), method=method, seed=cfg.seed,
                          overwrite=True, **extra)
             return r.report
