@@ -303,3 +303,17 @@ def test_bad_calibration_text_fails_clearly(tmp_path, model_factory):
     with pytest.raises(ClpError, match="does not exist"):
         transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), method="clp", calibration_text=str(tmp_path / "no"))
     assert not (tmp_path / "x").exists()
+
+
+def test_target_tokenizer_takes_the_source_context_length(model_factory, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from clp_transfer.transfer import transfer
+
+    src, hlp = model_factory("llama", "en", kind="sentencepiece"), model_factory("gpt2", "de")
+    htok = AutoTokenizer.from_pretrained(hlp)
+    htok.model_max_length = 16  # a helper trained on short blocks
+    htok.save_pretrained(tmp_path / "hlp-tok")
+    transfer(str(src), str(hlp), str(tmp_path / "out"), helper_tokenizer=str(tmp_path / "hlp-tok"))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.model_max_length == AutoConfig.from_pretrained(src).max_position_embeddings

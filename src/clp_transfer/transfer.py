@@ -385,6 +385,13 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
     with atomic_directory(out_path, overwrite=cfg.overwrite) as tmp:
         _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows)
         _write_config(tmp, src.path, rows, target_vocab.roles)
+        # The target model has the source's context, not the helper's: without this, a helper trained on short
+        # blocks would make the target tokenizer warn about (and truncate at) the helper's length.
+        src_config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
+        context = next((src_config[k] for k in ("max_position_embeddings", "n_positions", "seq_length")
+                        if isinstance(src_config.get(k), int)), None)
+        if context:
+            tgt_tok.model_max_length = context
         tgt_tok.save_pretrained(tmp)
         timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
