@@ -110,6 +110,10 @@ def test_untied_head_follows_its_tokens_unlike_the_original(tmp_path, model_fact
         head = load(path)[0].get_output_embeddings().weight
         follows = torch.equal(head[moved], head_src[[match.source_id[i] for i in moved]])
         assert follows == should_follow
+    from clp_transfer.transfer import summary
+
+    assert "untied, transferred by token" in summary(good.report, good.path)
+    assert "left in source positions" in summary(bad.report, bad.path)
 
 
 def test_dtype_is_kept_and_nothing_is_instantiated(tmp_path, monkeypatch, german_lines, english_lines):

@@ -451,6 +451,14 @@ def _versions() -> dict[str, str]:
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
 
 
+def _head_summary(report: dict[str, Any]) -> str:
+    if report["target"]["tied"]:
+        return "tied"
+    if report.get("transfer_untied_head", True):
+        return "untied, transferred by token"
+    return "untied, left in source positions (--no-transfer_untied_head)"
+
+
 def summary(report: dict[str, Any], path: Path) -> str:
     m = report["matching"]
     nr = report["new_rows"]
@@ -461,7 +469,7 @@ def summary(report: dict[str, Any], path: Path) -> str:
         f"source row ({m['exact']} exact, {m['canonical']} after canonical matching, "
         f"{m['special_role'] + m['special_text']} special), {m['missing']} are new"
         + (f" (mean norm {ratio:.2f}x that of shared rows)" if ratio is not None else "")
-        + f". Head: {'tied' if report['target']['tied'] else 'untied, transferred by token'}; "
+        + f". Head: {_head_summary(report)}; "
         f"{report['target']['embedding_rows']} rows ({report['target']['dtype']}). "
         f"Took {report['timings']['total_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB. Wrote {path}."
     )
