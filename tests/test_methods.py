@@ -186,6 +186,17 @@ def test_sparsemax_is_a_sparse_distribution(values):
     assert p.argmax() == z.argmax() or p.max() == p[0, z.argmax()]
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 300), st.floats(0.01, 50.0), st.integers(1, 70), st.integers(0, 10_000))
+def test_sparsemax_topk_equals_full_sparsemax(n, scale, k, seed):
+    from clp_transfer.methods import sparsemax_topk
+
+    z = torch.randn(6, n, generator=torch.Generator().manual_seed(seed)) * scale
+    idx, w = sparsemax_topk(z, k=k)
+    dense = torch.zeros_like(z).scatter_(1, idx, w)
+    torch.testing.assert_close(dense, sparsemax(z), rtol=1e-5, atol=1e-6)
+
+
 def test_linear_map_recovers_an_exact_linear_relation():
     g = torch.Generator().manual_seed(0)
     v_t, d_h, d = 80, 6, 4

@@ -148,6 +148,28 @@ def sparsemax(z: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.clamp(z - tau, min=0)
 
 
+def sparsemax_topk(z: torch.Tensor, k: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparsemax of each row of ``z`` [c, n] as (indices [c, k'], weights [c, k']), without sorting whole rows.
+
+    Sparsemax keeps exactly the entries above a threshold tau, so when a row's k-th largest value is already
+    <= tau over its top k, nothing outside the top k can be in the support and the top-k result is exact. Rows
+    whose support might be wider are recomputed with a larger k (x4 each round, up to n). Weights of padding
+    columns are 0. Same result as :func:`sparsemax`, at the cost of a top-k instead of a full sort.
+    """
+    n = z.shape[1]
+    k = max(1, min(k, n))
+    while True:
+        vals, idx = z.topk(k, dim=1)  # [c, k], sorted descending
+        cumsum = vals.cumsum(1) - 1
+        r = torch.arange(1, k + 1, device=z.device, dtype=z.dtype)
+        k_z = (r * vals > cumsum).sum(1, keepdim=True)
+        tau = cumsum.gather(1, k_z - 1) / k_z.to(z.dtype)
+        exact = (vals[:, -1:] <= tau).all() or k == n
+        if exact:
+            return idx, torch.clamp(vals - tau, min=0)
+        k = min(n, 4 * k)
+
+
 def _cosine_blocks(helper: torch.Tensor, missing: torch.Tensor, shared: torch.Tensor, center: bool = False):
     """Yield (slice, cos [c, |S|]) blocks of cosines between missing and shared tokens in the helper space."""
     h = helper.float()
@@ -248,11 +270,12 @@ def similarity_rows(
             _, idx = cos.topk(k, dim=1)
             return idx, torch.full(idx.shape, 1.0 / k)
         if weighting == "sparsemax":
-            w = sparsemax(cos / temperature)
-            kk = max(1, int((w > 0).sum(1).max()))
+            idx, vals = sparsemax_topk(cos / temperature)
+            kk = max(1, int((vals > 0).sum(1).max()))
             if kk > 64:  # wide support: a dense matmul is cheaper than gathering [c, kk, d]
+                w = torch.zeros_like(cos).scatter_(1, idx, vals)
                 return None, w / w.sum(1, keepdim=True)
-            vals, idx = w.topk(kk, dim=1)
+            vals, idx = vals[:, :kk], idx[:, :kk]  # already sorted: the support comes first
             return idx, vals / vals.sum(1, keepdim=True)
         raise ClpError(f"unknown weighting {weighting!r}; choose topk_softmax, topk_uniform or sparsemax")
 
