@@ -187,8 +187,9 @@ def evaluate(path: Path, heldout: list[str], new_ids: list[int] | None = None) -
     if new_ids:
         mask = torch.zeros(model.get_input_embeddings().weight.shape[0], dtype=torch.bool)
         mask[new_ids] = True
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None) or 256
-    block = min(256, int(ctx))  # the same windows for every model that allows them
+    from .eval_loading import context_length
+
+    block = min(256, context_length(model) or 256)  # the same windows for every model that allows them
     r = score_documents(model, tok, heldout, block_size=block, stride=block, batch_size=4, new_token_mask=mask,
                         progress=False)
     out = {"bits_per_byte": r.bits_per_byte, "tokens": r.num_tokens, "bytes": r.num_bytes,

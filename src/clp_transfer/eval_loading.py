@@ -136,8 +136,11 @@ def model_device(model: Any) -> torch.device:
 
 
 def context_length(model: Any) -> int | None:
-    """Longest input the model's position scheme allows, from its config (None when it does not say)."""
-    config = getattr(model, "config", None)
+    """Longest input the model's position scheme allows, from its config (None when it does not say).
+
+    ``model`` is a model or its config.
+    """
+    config = getattr(model, "config", model)
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -209,15 +209,18 @@ def _text_value(value: Any, column: str, where: str, counts: SkipCounts, skip: _
     return value, n
 
 
-def _txt_lines(f: BinaryIO, path: Path, counts: SkipCounts, skip: _Skipper) -> Iterator[Doc]:
-    first = True
+def _raw_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line, without a leading UTF-8 BOM and without the line ending."""
     for lineno, raw in enumerate(f, 1):
-        if first:
-            first = False
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
         if raw.endswith(b"\n"):
             raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+        yield lineno, raw
+
+
+def _txt_lines(f: BinaryIO, path: Path, counts: SkipCounts, skip: _Skipper) -> Iterator[Doc]:
+    for lineno, raw in _raw_lines(f):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -242,14 +245,7 @@ def _txt_paragraphs(f: BinaryIO, path: Path, counts: SkipCounts, skip: _Skipper)
             return
         yield text, len(raw)
 
-    first = True
-    for lineno, raw in enumerate(f, 1):
-        if first:
-            first = False
-            if raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-        if raw.endswith(b"\n"):
-            raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+    for lineno, raw in _raw_lines(f):
         if not raw.strip():  # blank (or whitespace-only) line: ends a document
             if lines:
                 yield from emit()

@@ -44,6 +44,7 @@ import torch
 from .atomic import atomic_directory, atomic_write_json, atomic_write_text
 from .config import add_dataclass_arguments, build_config, from_dict, load_yaml, to_yaml
 from .errors import ClpError
+from .eval_loading import context_length
 from .schedule import (BlockOrder, Phase, micro_batch_samples, phase_at, plan_phases, samples_before,
                        steps_for_tokens)
 from .shards import TokenShards
@@ -74,14 +75,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------- model and data
-
-
-def _context_length(config: Any) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(config, name, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[Any, Any, str]:
@@ -120,7 +113,7 @@ def check_data(model: Any, tokenizer: Any, train: TokenShards, valid: TokenShard
     if train.index.vocab_size > rows:
         raise ClpError(f"the data's vocabulary ({train.index.vocab_size} ids) is larger than the model's embedding "
                        f"({rows} rows): the model was not made for this tokenizer")
-    ctx = _context_length(model.config)
+    ctx = context_length(model)
     if ctx is not None and block_size > ctx:
         raise ClpError(f"--block_size {block_size} exceeds the model's context length {ctx}")
     if train.num_blocks(block_size) == 0:
@@ -407,7 +400,7 @@ def train(config: TrainConfig) -> TrainResult:
         log.warning("no validation shards in %s: no evaluation", cfg.data)
     set_seed(cfg.seed)
     model, tokenizer, model_name = load_model_and_tokenizer(cfg)
-    ctx = _context_length(model.config)
+    ctx = context_length(model)
     if cfg.block_size is None:
         cfg.block_size = min(x for x in (train_shards.index.block_size or 1024, ctx or 10**9))
     block = int(cfg.block_size)

@@ -229,7 +229,9 @@ def calibration_statistics(
     model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32,
                                                  trust_remote_code=trust_remote_code).eval()
     model.set_input_embeddings(torch.nn.Embedding.from_pretrained(input_rows.float(), freeze=True))
-    ctx = getattr(model.config, "max_position_embeddings", None) or seq_len
+    from .eval_loading import context_length
+
+    ctx = context_length(model) or seq_len
     seq_len = max(1, min(seq_len, ctx))
     ids = torch.tensor(stream[:positions])
     hidden = []
@@ -387,9 +389,11 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
         _write_config(tmp, src.path, rows, target_vocab.roles)
         # The target model has the source's context, not the helper's: without this, a helper trained on short
         # blocks would make the target tokenizer warn about (and truncate at) the helper's length.
-        src_config = json.loads((src.path / "config.json").read_text(encoding="utf-8"))
-        context = next((src_config[k] for k in ("max_position_embeddings", "n_positions", "seq_length")
-                        if isinstance(src_config.get(k), int)), None)
+        from transformers import AutoConfig
+
+        from .eval_loading import context_length
+
+        context = context_length(AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.trust_remote_code))
         if context:
             tgt_tok.model_max_length = context
         tgt_tok.save_pretrained(tmp)
