@@ -271,14 +271,19 @@ def _jsonl(f: BinaryIO, path: Path, column: str, counts: SkipCounts, skip: _Skip
         except ValueError as e:
             skip.malformed(where, f"not valid JSON ({e})")
             continue
-        if not isinstance(record, dict):
-            skip.malformed(where, f"a JSON {type(record).__name__}, not an object")
-            continue
-        if column not in record:
-            raise _missing_column(column, where, list(record))
-        doc = _text_value(record[column], column, where, counts, skip)
+        doc = _record_doc(record, column, where, counts, skip)
         if doc is not None:
             yield doc
+
+
+def _record_doc(record: Any, column: str, where: str, counts: SkipCounts, skip: _Skipper) -> Doc | None:
+    """The document in one JSON record; skips (and counts) records that are not objects."""
+    if not isinstance(record, dict):
+        skip.malformed(where, f"a JSON {type(record).__name__}, not an object")
+        return None
+    if column not in record:
+        raise _missing_column(column, where, list(record))
+    return _text_value(record[column], column, where, counts, skip)
 
 
 def _json(f: BinaryIO, path: Path, column: str, counts: SkipCounts, skip: _Skipper) -> Iterator[Doc]:
@@ -296,12 +301,7 @@ def _json(f: BinaryIO, path: Path, column: str, counts: SkipCounts, skip: _Skipp
         raise ClpError(f"{path}: not valid JSON ({e})") from None
     for i, record in enumerate(records):
         where = f"{path}[{i}]"
-        if not isinstance(record, dict):
-            skip.malformed(where, f"a JSON {type(record).__name__}, not an object")
-            continue
-        if column not in record:
-            raise _missing_column(column, where, list(record))
-        doc = _text_value(record[column], column, where, counts, skip)
+        doc = _record_doc(record, column, where, counts, skip)
         if doc is not None:
             yield doc
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_directory, atomic_write_json, atomic_write_text
-from .config import add_dataclass_arguments, build_config, from_dict, load_yaml, to_yaml
+from .config import add_dataclass_arguments, build_config, load_yaml, to_yaml
 from .errors import ClpError
 from .eval_loading import context_length
 from .schedule import (BlockOrder, Phase, micro_batch_samples, phase_at, plan_phases, samples_before,
@@ -604,4 +604,4 @@ def cli_main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["TrainConfig", "TrainResult", "train", "from_dict"]
+__all__ = ["TrainConfig", "TrainResult", "train"]
