@@ -189,7 +189,7 @@ def test_shards_decode_to_the_documents_with_eos_after_each(tmp_path, docs, tok_
     stats = json.loads((r.path / "stats.json").read_text())
     assert stats["tokenizer"]["hash"] == tokenizer_fingerprint(tok)
     assert stats["tokenizer"]["name"] == str(tok_dir) and stats["tokenizer"]["dtype"] == "uint16"
-    assert stats["tokenizer"]["piece_cache"] is False  # off by default: the plain Rust tokenizer
+    assert stats["tokenizer"]["piece_cache"] is True  # on by default for byte-level BPE
     assert stats["seed"] == 7 and stats["source"]["type"] == "files"
     assert stats["source"]["files"] == [str(src)] and stats["block_size"] == 16
     assert set(stats["skipped"]) == {"empty", "invalid_utf8", "malformed"}
@@ -205,14 +205,16 @@ def test_large_vocabulary_uses_uint32(tmp_path, big_tok_dir):
     assert (r.path / "tokens" / "train" / "00000.bin").stat().st_size == 4 * len(s)
 
 
-def test_num_proc_1_and_2_write_identical_files(tmp_path, docs, tok_dir, monkeypatch):
+@pytest.mark.parametrize("parallelism,piece_cache", [("processes", True), ("threads", False)])
+def test_num_proc_1_and_2_write_identical_files(tmp_path, docs, tok_dir, monkeypatch, parallelism, piece_cache):
     monkeypatch.setattr(prepare_mod, "CHUNK_BYTES", 500)  # many chunks in flight through the worker pool
     src = write_lines(tmp_path / "s.txt", docs * 3)
     outs = []
     for p in (1, 2):
         out = tmp_path / f"o{p}"
-        prepare(out, 6000 / MB, valid_size_mb=2000 / MB, files=[src], tokenizer=tok_dir, num_proc=p,
-                max_shard_tokens=700, progress=False)
+        r = prepare(out, 6000 / MB, valid_size_mb=2000 / MB, files=[src], tokenizer=tok_dir, num_proc=p,
+                    max_shard_tokens=700, progress=False, parallelism=parallelism, piece_cache=piece_cache)
+        assert r.stats["run"]["parallelism"] == ("serial" if p == 1 else parallelism)
         outs.append(out)
     files = sorted(f.relative_to(outs[0]) for f in outs[0].rglob("*") if f.is_file() and f.name != "stats.json")
     assert len([f for f in files if f.suffix == ".bin"]) > 2
@@ -225,7 +227,8 @@ def test_piece_cache_on_and_off_write_identical_shards(tmp_path, docs, tok_dir):
     src = write_lines(tmp_path / "s.txt", docs)
     a = prepare(tmp_path / "a", 3000 / MB, files=[src], tokenizer=tok_dir, progress=False, num_proc=1,
                 piece_cache=True)
-    b = prepare(tmp_path / "b", 3000 / MB, files=[src], tokenizer=tok_dir, progress=False, num_proc=1)
+    b = prepare(tmp_path / "b", 3000 / MB, files=[src], tokenizer=tok_dir, progress=False, num_proc=1,
+                piece_cache=False)
     assert a.stats["tokenizer"]["piece_cache"] and not b.stats["tokenizer"]["piece_cache"]
     for split in ("train", "valid"):
         assert (a.path / "tokens" / split / "00000.bin").read_bytes() == (b.path / "tokens" / split / "00000.bin").read_bytes()
@@ -283,7 +286,7 @@ def encoder_pairs(german_lines):
     for name, tj in _tokenizers(german_lines).items():
         patterns, nfc, _ = plan_piece_cache(tj, True)
         pairs[name] = (
-            Encoder(EncoderSpec(tj, 0, "uint16", True, patterns, nfc, max_cached_pieces=300)),
+            Encoder(EncoderSpec(tj, 0, "uint16", True, patterns, nfc, max_cached_pieces=300, bypass_new_fraction=1.0)),
             Encoder(EncoderSpec(tj, 0, "uint16", True, None, nfc)),
         )
     return pairs
@@ -320,6 +323,35 @@ def test_piece_cache_on_real_text_and_cache_resets(encoder_pairs, german_lines):
     for i in range(0, len(lines), 17):
         assert cached.encode(lines[i : i + 17]).tolist() == backend.encode(lines[i : i + 17]).tolist()
     assert cached.stats["cache_resets"] > 0 and cached.stats["cached_docs"] > 0
+
+
+def test_piece_cache_sends_text_that_never_repeats_to_the_backend(tok_dir):
+    from tokenizers import Tokenizer
+
+    tj = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json")).to_str()
+    patterns, nfc, _ = plan_piece_cache(tj, True)
+    assert patterns is not None
+    rng = np.random.default_rng(0)
+    words = ["".join(chr(c) for c in rng.integers(97, 123, size=8)) for _ in range(400)]
+    random_docs = [" ".join(words[i : i + 20]) for i in range(0, 400, 20)]  # every word new
+    natural = ["der Hund und die Katze und der Hund"] * 20  # two new words in three
+    enc = Encoder(EncoderSpec(tj, 0, "uint16", True, patterns, nfc))
+    ref = Encoder(EncoderSpec(tj, 0, "uint16", True, None, nfc))
+    assert enc.encode(random_docs).tolist() == ref.encode(random_docs).tolist()
+    assert enc.stats["bypassed_chunks"] == 1 and enc.stats["cached_docs"] == 0
+    assert len(enc._units) == 1  # nothing learned from it (only the EOS entry)
+    assert enc.encode(natural).tolist() == ref.encode(natural).tolist()
+    assert enc.stats["bypassed_chunks"] == 1 and enc.stats["cached_docs"] == 20
+
+
+def test_bpe_cache_size_does_not_change_ids(tok_dir, german_lines):
+    from tokenizers import Tokenizer
+
+    tj = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json")).to_str()
+    small = Encoder(EncoderSpec(tj, 0, "uint16", True, None, False, bpe_cache_words=0))
+    big = Encoder(EncoderSpec(tj, 0, "uint16", True, None, False, bpe_cache_words=100_000))
+    for _ in range(2):  # the second pass is served from the enlarged cache
+        assert small.encode(german_lines).tolist() == big.encode(german_lines).tolist()
 
 
 # ------------------------------------------------------------------------------------------- input formats
@@ -554,3 +586,49 @@ def test_seed_command_as_written_fails_clearly_offline(tmp_path):
     assert r.returncode == 2
     assert "cannot stream dataset 'oscar'" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "oscar_de").exists()
+
+
+# ------------------------------------------------------------------------------ the block reader of .txt lines
+def _reference_txt_lines(data: bytes) -> tuple[list[tuple[str, int]], int, int]:
+    """The plain line-by-line reading rule: (documents, empty lines, invalid lines)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline ends the last line; it does not start an empty one
+    docs, empty, invalid = [], 0, 0
+    for raw in lines:
+        raw = raw[:-1] if raw.endswith(b"\r") else raw
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            invalid += 1
+            continue
+        if not text or text.isspace():
+            empty += 1
+        else:
+            docs.append((text, len(raw)))
+    return docs, empty, invalid
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    parts=st.lists(st.sampled_from(["Haus", "Straße", " ", "\n", "\r\n", "\t", "ä€😀", "x" * 7, "\xff", "\r"]),
+                   max_size=40),
+    bom=st.booleans(),
+    block=st.sampled_from([1, 2, 3, 5, 8, 64, 1 << 22]),
+)
+def test_txt_lines_block_reader_matches_line_by_line(tmp_path, monkeypatch, parts, bom, block):
+    from clp_transfer import prepare_sources
+    from clp_transfer.prepare_sources import SkipCounts, file_documents
+
+    data = (b"\xef\xbb\xbf" if bom else b"") + b"".join(
+        b"\xff\xfe" if p == "\xff" else p.encode("utf-8") for p in parts)
+    path = tmp_path / f"b{block}.txt"
+    path.write_bytes(data)
+    monkeypatch.setattr(prepare_sources, "_BLOCK_BYTES", block)
+    counts = SkipCounts()
+    got = list(file_documents(path, "text", "lines", counts, strict=False))
+    want, empty, invalid = _reference_txt_lines(data)
+    assert got == want
+    assert counts.empty == empty and counts.invalid_utf8 == invalid

@@ -78,6 +78,8 @@ INITS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "clp-no_head_fix": ("clp", {}, {"transfer_untied_head": False}),
     "focus": ("peer:focus", {}, {}),
     "wechsel": ("peer:wechsel", {}, {}),
+    "map": ("map", {}, {}),
+    "hybrid": ("hybrid", {}, {}),
 }
 
 RUNS: list[Run] = [
@@ -96,6 +98,13 @@ RUNS: list[Run] = [
     Run("clp-no_head_fix", "clp-no_head_fix", note="untied head left in source positions"),
     Run("clp-nocalib", "clp-nocalib"),
     Run("clp-topk_uniform", "clp-topk_uniform"),
+    Run("map", "map", note="ridge map from the helper space to the source space"),
+    Run("hybrid", "hybrid", note="mix of FVT pieces and CLP neighbours"),
+    Run("clp+et100", "clp", {"embedding_tuning_ratio": 1.0}, note="embedding tuning for the whole run (body frozen)"),
+    Run("clp+constant", "clp", {"lr_scheduler_type": "constant"}, note="constant lr after warm-up, no tuning phase"),
+    Run("clp+et10+constant", "clp", {"embedding_tuning_ratio": 0.1, "lr_scheduler_type": "constant",
+                                     "embedding_lr_scheduler_type": "constant"},
+        note="embedding tuning 10%, constant schedules in both phases"),
 ]
 # Not run by default: "clp-no_canonical" (raw string matching). Source and target tokenizers are both byte-level
 # BPE here, so canonical and raw matching find the same 1,983 shared tokens and the transferred weights are

@@ -19,11 +19,15 @@ Outputs (``output_dir``, written to a temporary sibling and renamed into place w
   every document followed by EOS, uint16 when the vocabulary fits, else uint32;
 - ``stats.json``: documents, bytes, tokens and tokens per byte per split, tokenizer name and hash, source, seed.
 
-Tokenization runs in ``num_proc`` worker processes over chunks of about 1 MB with a bounded number of chunks in
-flight, and the results are written in order, so the output does not depend on ``num_proc`` and memory does
-not grow with the corpus. Each worker runs the Rust tokenizer single-threaded (``encode_batch_fast``, no
-offsets) on a whole chunk at once and turns the ids into one numpy array. See
-:mod:`clp_transfer.prepare_tokenize` for the optional (exact) piece cache (``--piece_cache``).
+Tokenization works on chunks of about 1 MB with a bounded number of chunks in flight, and the results are
+written in order, so the output does not depend on ``num_proc`` and memory does not grow with the corpus.
+By default (``--parallelism processes``) ``num_proc`` single-threaded worker processes each encode a whole
+chunk: an exact word cache first (:mod:`clp_transfer.prepare_tokenize`; byte-level BPE tokenizers), then the
+Rust tokenizer (``encode_batch_fast``, no offsets) for what it does not hold. ``--parallelism threads`` keeps
+everything in one process: a background thread hands each chunk to the Rust tokenizer, which splits it over
+``num_proc`` threads of its own pool and releases the GIL meanwhile, while the main thread reads and writes
+(no worker start-up, less memory, but on 2 cores measured slower, and the word cache's Python code then
+competes for the GIL).
 """
 
 from __future__ import annotations
@@ -99,7 +103,12 @@ class PrepareConfig:
     block_size: int | None = None
     """Training block size, recorded in the shard index and stats (blocks per split); needs --tokenizer."""
     num_proc: int | None = None
-    """Tokenizer processes (default: all CPU cores available)."""
+    """Tokenizer threads or processes (default: all CPU cores available)."""
+    parallelism: Literal["auto", "threads", "processes"] = "auto"
+    """How num_proc > 1 is used. threads: the Rust tokenizer's own thread pool encodes each chunk while the
+    main thread reads and writes (no worker start-up). processes: single-threaded worker processes.
+    auto: processes (measured faster on 2 cores; threads use ~140 MB less memory; the piece cache's Python
+    code would hold the GIL in threads)."""
     seed: int = 42
     """Recorded in stats.json for the pipeline's records; the split itself is deterministic and not shuffled."""
     strict: bool = False
@@ -108,12 +117,17 @@ class PrepareConfig:
     split_special_tokens: bool = True
     """Tokenize text that spells a special token (e.g. '<|endoftext|>') as plain text, so that only the
     separators written by prepare are EOS ids."""
-    piece_cache: bool = False
-    """Opt-in: an exact word/piece cache in front of the Rust tokenizer (ids are identical either way). It pays
-    off only on text whose words repeat a lot (measured: ~1.3x on 14 MB of unique German text, 2x slower and
-    ~200 MB more per worker on text that never repeats); the default is the plain Rust tokenizer."""
+    piece_cache: bool = True
+    """An exact word/piece cache in front of the Rust tokenizer, for byte-level BPE tokenizers (GPT-2, Pythia,
+    Llama 3, SmolLM, ...; others use the Rust tokenizer alone). The ids are identical either way (checked, see
+    prepare_tokenize). Natural text repeats its words, so most of them are looked up instead of tokenized;
+    chunks of text that hardly repeats (more than half of the words new) go straight to the Rust tokenizer.
+    benchmarks/README.md has the measurements; --no-piece_cache turns it off."""
     piece_cache_entries: int = 500_000
-    """Entries (words and pieces) of the piece cache per worker, about 400 bytes each; starts over when full."""
+    """Entries (words and pieces) of the piece cache per worker, about 200 bytes each; starts over when full."""
+    bpe_cache_words: int = 200_000
+    """Capacity of the Rust BPE model's own word cache per worker (its default of 10,000 stops caching after
+    10,000 distinct words); 0 keeps the tokenizer's default."""
     max_shard_tokens: int = 2**27
     """Ids per shard file."""
     overwrite: bool = False
@@ -187,11 +201,11 @@ def load_tokenizer_info(cfg: PrepareConfig) -> _TokenizerInfo:
     tokenizer_json = backend.to_str()
     patterns, nfc, reason = plan_piece_cache(tokenizer_json, cfg.split_special_tokens)
     if not cfg.piece_cache:
-        patterns, reason = None, "off (default; --piece_cache turns it on)"
+        patterns, reason = None, "off (--no-piece_cache)"
     spec = EncoderSpec(
         tokenizer_json=tokenizer_json, eos_token_id=int(tok.eos_token_id), dtype=dtype,
         split_special_tokens=cfg.split_special_tokens, split_patterns=patterns, nfc=nfc,
-        max_cached_pieces=cfg.piece_cache_entries,
+        max_cached_pieces=cfg.piece_cache_entries, bpe_cache_words=cfg.bpe_cache_words,
     )
     log.info("tokenizer %s: %d tokens, ids as %s, EOS %d, piece cache: %s", name, vocab_size, dtype,
              tok.eos_token_id, "on" if patterns else f"off ({reason})")
@@ -201,37 +215,51 @@ def load_tokenizer_info(cfg: PrepareConfig) -> _TokenizerInfo:
 
 # ------------------------------------------------------------------------------------------- tokenization
 class _ChunkRunner:
-    """Encodes chunks in order: in-process (num_proc=1) or in worker processes with bounded in-flight work."""
+    """Encodes chunks in order, with a bounded number in flight: in the calling thread (num_proc=1), in one
+    background thread driving the Rust tokenizer's thread pool ("threads"), or in worker processes."""
 
-    def __init__(self, spec: EncoderSpec, num_proc: int) -> None:
+    def __init__(self, spec: EncoderSpec, num_proc: int, mode: str = "threads") -> None:
         self.num_proc = num_proc
+        self.mode = "serial" if num_proc <= 1 else mode
         self.pending: collections.deque = collections.deque()
-        self.max_in_flight = 2 * num_proc + 1
         self.executor = None
         self.encoder = None
-        if num_proc <= 1:
-            from .prepare_tokenize import Encoder
-
-            self.encoder = Encoder(spec)
-        else:
+        if self.mode == "processes":
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             from .prepare_tokenize import init_worker
 
+            self.max_in_flight = 2 * num_proc + 1
             self.executor = ProcessPoolExecutor(
                 max_workers=num_proc, mp_context=multiprocessing.get_context("spawn"),
                 initializer=init_worker, initargs=(spec,),
             )
+            return
+        from .prepare_tokenize import Encoder, use_rust_threads
+
+        # Before the first parallel encode of this process builds the pool (later calls keep its size).
+        use_rust_threads(num_proc)
+        if self.mode == "threads":
+            from concurrent.futures import ThreadPoolExecutor
+
+            # One chunk encoding, two waiting: enough to keep the pool busy while the main thread writes.
+            self.max_in_flight = 3
+            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clp-tokenize")
+        self.encoder = Encoder(spec)
 
     def submit(self, tag: Any, texts: list[str]) -> Iterator[tuple[Any, Any]]:
         """Queue a chunk; yield the chunks that are done, in submission order."""
-        if self.encoder is not None:
-            yield tag, self.encoder.encode(texts)
+        if self.mode == "serial":
+            yield tag, self.encoder.encode(texts)  # type: ignore[union-attr]
             return
-        from .prepare_tokenize import encode_in_worker
+        if self.mode == "threads":
+            fut = self.executor.submit(self.encoder.encode, texts)  # type: ignore[union-attr]
+        else:
+            from .prepare_tokenize import encode_in_worker
 
-        self.pending.append((tag, self.executor.submit(encode_in_worker, texts)))  # type: ignore[union-attr]
+            fut = self.executor.submit(encode_in_worker, texts)  # type: ignore[union-attr]
+        self.pending.append((tag, fut))
         while len(self.pending) >= self.max_in_flight:
             yield self._pop()
 
@@ -250,6 +278,11 @@ class _ChunkRunner:
 
     def close(self, ok: bool) -> None:
         if self.executor is None:
+            return
+        if self.mode == "threads":
+            for _, fut in self.pending:
+                fut.cancel()
+            self.executor.shutdown(wait=True)  # a chunk being encoded cannot be interrupted; wait for it
             return
         if ok:
             self.executor.shutdown(wait=True)
@@ -308,12 +341,23 @@ def _validate(cfg: PrepareConfig) -> None:
         raise ClpError(f"--block_size must be >= 1 (got {cfg.block_size})")
     if cfg.block_size is not None and not cfg.tokenizer:
         raise ClpError("--block_size needs --tokenizer (blocks are counted in tokens)")
+    if cfg.bpe_cache_words < 0:
+        raise ClpError(f"--bpe_cache_words must be >= 0 (got {cfg.bpe_cache_words})")
     if cfg.piece_cache_entries < 1000:
         raise ClpError(f"--piece_cache_entries must be >= 1000 (got {cfg.piece_cache_entries})")
     if cfg.max_shard_tokens < 1:
         raise ClpError(f"--max_shard_tokens must be >= 1 (got {cfg.max_shard_tokens})")
+    if cfg.parallelism not in ("auto", "threads", "processes"):
+        raise ClpError(f"--parallelism must be auto, threads or processes (got {cfg.parallelism!r})")
     if cfg.txt_format not in ("lines", "paragraphs"):
         raise ClpError(f"--txt_format must be 'lines' or 'paragraphs' (got {cfg.txt_format!r})")
+
+
+def parallelism_mode(cfg: PrepareConfig, spec: EncoderSpec) -> str:
+    """``threads`` or ``processes`` for ``cfg.parallelism``; see :class:`PrepareConfig`."""
+    if cfg.parallelism != "auto":
+        return cfg.parallelism
+    return "processes"
 
 
 def default_num_proc() -> int:
@@ -376,7 +420,9 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
             },
             "block_size": cfg.block_size,
             "run": {
-                "num_proc": num_proc if tok else 1, "seconds": round(elapsed, 3),
+                "num_proc": num_proc if tok else 1,
+                "parallelism": (parallelism_mode(cfg, tok.spec) if num_proc > 1 else "serial") if tok else None,
+                "seconds": round(elapsed, 3),
                 "mb_per_second": round(total_bytes / MB / max(elapsed, 1e-9), 3),
                 "tokens_per_second": round(total_tokens / max(elapsed, 1e-9), 1) if tok else None,
             },
@@ -410,7 +456,7 @@ def _write_splits(
                     vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, block_size=cfg.block_size,
                     max_shard_tokens=cfg.max_shard_tokens,
                 )
-            runner = _ChunkRunner(tok.spec, num_proc)
+            runner = _ChunkRunner(tok.spec, num_proc, parallelism_mode(cfg, tok.spec))
 
         def consume(done: Iterator[tuple[Any, Any]]) -> None:
             for (split, size), ids in done:
@@ -424,7 +470,7 @@ def _write_splits(
         chunk_split = "train"
         pos = 0
         exhausted = True
-        dumps = json.JSONEncoder(ensure_ascii=False).encode
+        dumps = json.encoder.encode_basestring  # = JSONEncoder(ensure_ascii=False).encode for a str, minus a layer
         documents = source.documents(counts, cfg.strict)
         for text, size in documents:
             if pos >= n_total:

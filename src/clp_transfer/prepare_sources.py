@@ -219,17 +219,57 @@ def _raw_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
         yield lineno, raw
 
 
+_BLOCK_BYTES = 1 << 22
+
+
 def _txt_lines(f: BinaryIO, path: Path, counts: SkipCounts, skip: _Skipper) -> Iterator[Doc]:
-    for lineno, raw in _raw_lines(f):
+    """One document per line. Reads blocks of whole lines and decodes each block in one call (UTF-8 never
+    has a newline byte inside a character, so splitting the bytes and the text at newlines pairs them up);
+    a block that does not decode is redone line by line to name the bad lines."""
+    lineno = 0  # lines before the current block
+    rest = b""
+    first = True
+    while True:
+        data = f.read(_BLOCK_BYTES)
+        if data:
+            data = rest + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+                continue
+            block, rest = data[:cut], data[cut + 1 :]
+        elif rest:
+            block, rest = rest, b""  # the last line has no newline
+        else:
+            return
+        if first:
+            first = False
+            if block.startswith(b"\xef\xbb\xbf"):
+                block = block[3:]
+                if not data and not block:
+                    return  # the file holds a BOM and nothing else
+        raws = block.split(b"\n")
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            skip.invalid(f"{path}:{lineno}", f" ({e.reason} at byte {e.start})")
-            continue
-        if not text or text.isspace():
-            counts.empty += 1
-            continue
-        yield text, len(raw)
+            texts = block.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            texts = None
+        for i, raw in enumerate(raws):
+            if raw.endswith(b"\r"):
+                raw = raw[:-1]
+                text = texts[i][:-1] if texts is not None else None
+            else:
+                text = texts[i] if texts is not None else None
+            if text is None:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    skip.invalid(f"{path}:{lineno + i + 1}", f" ({e.reason} at byte {e.start})")
+                    continue
+            if not text or text.isspace():
+                counts.empty += 1
+                continue
+            yield text, len(raw)
+        lineno += len(raws)
 
 
 def _txt_paragraphs(f: BinaryIO, path: Path, counts: SkipCounts, skip: _Skipper) -> Iterator[Doc]:
