@@ -11,7 +11,9 @@ over the steps after ``--warmup_steps`` from timestamps written at every step.
     python benchmarks/bench_train_speed.py            # -> benchmarks/results/bench_train_speed.json
 
 Competitors: ``hf-trainer``; ``ours`` (eager, fused AdamW, no per-step host sync); ``ours-compile``
-(``--torch_compile``: inductor; compile time is excluded by the warm-up).
+(``--torch_compile``: inductor; compile time is excluded by the warm-up); ``minimal-loop`` (forward, backward,
+clip, fused AdamW and nothing else, a constant learning rate: the floor of any trainer doing this math, which
+bounds what a trainer can gain over another).
 """
 
 from __future__ import annotations
@@ -130,6 +132,35 @@ def run_hf(root: Path, steps: int, out: Path) -> None:
     write_curve(out / "curve.json", losses, [BATCH * BLOCK / g for g in gaps])
 
 
+def run_minimal(root: Path, steps: int, out: Path) -> None:
+    """The floor of any trainer with this math: forward, backward, clip, fused AdamW, nothing else (no schedule,
+    no logging). If this is not much faster than the Trainer, no trainer can be."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from clp_transfer.schedule import BlockOrder
+    from clp_transfer.shards import TokenShards
+
+    shards = TokenShards(root / "data", "train")
+    order = BlockOrder(shards.num_blocks(BLOCK), seed=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    times, losses = [time.perf_counter()], []
+    for step in range(steps):
+        x = torch.from_numpy(np.stack([shards.block(int(b), BLOCK) for b in order.blocks(step * BATCH, BATCH)]))
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append((step + 1, float(loss)))
+        times.append(time.perf_counter())
+    write_curve(out / "curve.json", losses, [BATCH * BLOCK / g for g in np.diff(times)])
+
+
 def write_curve(path: Path, losses, tokens_per_s) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this child's own peak
@@ -142,6 +173,8 @@ def child(args) -> None:
         build(root, args.mb)
     elif args.child == "hf-trainer":
         run_hf(root, args.steps, out)
+    elif args.child == "minimal-loop":
+        run_minimal(root, args.steps, out)
     else:
         run_ours(root, args.steps, args.child == "ours-compile", out)
 
@@ -151,7 +184,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--warmup_steps", type=int, default=10, help="steps excluded from tokens/s (compilation, caches)")
     p.add_argument("--mb", type=float, default=6.0, help="MB of German text to tokenize into shards")
-    p.add_argument("--competitors", nargs="+", default=["hf-trainer", "ours", "ours-compile"])
+    p.add_argument("--competitors", nargs="+", default=["hf-trainer", "ours", "ours-compile", "minimal-loop"])
     p.add_argument("--output", default=str(HERE / "results" / "bench_train_speed.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)

@@ -24,8 +24,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-ORDER = ["scratch", "random", "mean", "fvt", "clp-original", "clp", "clp+et10", "clp+accel", "clp-topk_softmax",
-         "clp-topk_uniform", "clp-nocalib", "clp-no_canonical", "clp-no_head_fix", "focus", "wechsel"]
+ORDER = ["scratch", "random", "mean", "fvt", "clp-original", "clp", "clp+et10", "clp+accel", "clp+et100",
+         "scratch+constant", "clp+constant", "clp+et10+constant", "clp-topk_softmax", "clp-topk_uniform",
+         "clp-nocalib", "clp-no_canonical", "clp-no_head_fix", "map", "hybrid", "focus", "wechsel"]
+SCRATCH_FOR_SCHEDULE = {"cosine": "scratch", "constant": "scratch+constant"}
+
+
+def schedule_of(run: dict) -> str:
+    return (run.get("train_overrides") or {}).get("lr_scheduler_type", "cosine")
 
 
 def tokens_to_reach(curve: list[dict], target: float) -> float | None:
@@ -52,10 +58,12 @@ def ms(xs: list[float], fmt: str = "{:.3f}") -> str:
 
 def analyze(results: Path) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
-    by_seed_scratch = {r["seed"]: r for r in runs if r["run"] == "scratch"}
+    # tokens saved are counted against from-scratch training with the same learning-rate schedule
+    scratch_by = {sched: {r["seed"]: r for r in runs if r["run"] == name} for sched, name in SCRATCH_FOR_SCHEDULE.items()}
     by_seed_random = {r["seed"]: r for r in runs if r["run"] == "random"}
     per_run: dict[str, list[dict]] = defaultdict(list)
     for r in runs:
+        by_seed_scratch = scratch_by.get(schedule_of(r)) or scratch_by["cosine"]
         scratch = by_seed_scratch.get(r["seed"]) or next(iter(by_seed_scratch.values()), None)
         row = {"seed": r["seed"], "step0_test_bpb": r["step0_test"]["bits_per_byte"],
                "step0_dev_bpb": r["curve"][0]["eval_bpb"], "final_dev_bpb": r["curve"][-1]["eval_bpb"],
@@ -64,6 +72,7 @@ def analyze(results: Path) -> dict:
         if scratch is not None:
             target = scratch["curve"][-1]["eval_loss"]
             n = tokens_to_reach(r["curve"], target)
+            row["scratch_run"] = scratch["run"]
             row["scratch_seed"] = scratch["seed"]
             row["scratch_final_dev_loss"] = target
             row["tokens_to_scratch_final"] = n
@@ -91,7 +100,8 @@ def analyze(results: Path) -> dict:
 
 def table(study: dict, references: dict | None) -> str:
     names = sorted(study["runs"], key=lambda n: ORDER.index(n) if n in ORDER else 99)
-    lines = ["| run | seeds | step-0 test bpb | final test bpb | final dev bpb | % tokens saved vs scratch | "
+    lines = ["| run | seeds | step-0 test bpb | final test bpb | final dev bpb | % tokens saved vs scratch "
+             "(same schedule) | "
              "% tokens saved vs random |", "|---|---|---|---|---|---|---|"]
     for n in names:
         s = study["runs"][n]
@@ -101,7 +111,7 @@ def table(study: dict, references: dict | None) -> str:
             saved = [x.get(key) for x in rows]
             nr = sum(1 for x in saved if x is None)
             txt = ms([x for x in saved if x is not None], "{:.0f}")
-            if n == refname:
+            if n == refname or (refname == "scratch" and n in SCRATCH_FOR_SCHEDULE.values()):
                 txt = "0 (reference)"
             elif nr:
                 txt = f"not reached in {nr}/{len(rows)}" + ("" if nr == len(rows) else f"; {txt}")

@@ -102,6 +102,8 @@ RUNS: list[Run] = [
     Run("hybrid", "hybrid", note="mix of FVT pieces and CLP neighbours"),
     Run("clp+et100", "clp", {"embedding_tuning_ratio": 1.0}, note="embedding tuning for the whole run (body frozen)"),
     Run("clp+constant", "clp", {"lr_scheduler_type": "constant"}, note="constant lr after warm-up, no tuning phase"),
+    Run("scratch+constant", "scratch", {"lr_scheduler_type": "constant"},
+        note="from scratch with the constant schedule (the fair reference for the constant-schedule runs)"),
     Run("clp+et10+constant", "clp", {"embedding_tuning_ratio": 0.1, "lr_scheduler_type": "constant",
                                      "embedding_lr_scheduler_type": "constant"},
         note="embedding tuning 10%, constant schedules in both phases"),

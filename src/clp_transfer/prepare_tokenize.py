@@ -7,15 +7,16 @@ runs in ``prepare``'s worker processes (or in-process for ``num_proc=1``); only 
 Two paths give identical ids:
 
 - **backend**: ``Tokenizer.encode_batch_fast`` of the tokenizer's Rust backend. Always correct.
-- **piece cache** (opt-in with ``--piece_cache``, used when the tokenizer allows it): a tokenizer whose
-  normaliser is absent (or NFC) and whose pre-tokenizer is a sequence of regex splits (byte-level BPE: GPT-2,
-  GPT-NeoX/Pythia, Llama 3, SmolLM, ...) maps every pre-token ("piece", e.g. ``" Haus"``) to ids independently
-  of its neighbours. We split documents with the same patterns (the ``regex`` module), encode each distinct
-  piece once with the backend, and assemble documents by a vectorised gather from the cache. Most of the
-  backend's time is spent in pre-tokenization and BPE merges, so this is faster on text whose words repeat
-  a lot. Measured on 2 cores (``benchmarks/README.md``): ~1.3x on 14 MB of unique German text, but about 2x
-  *slower* on text that never repeats, with ~200 MB more memory per worker; repeated benchmark corpora
-  flatter it. Hence it is off by default.
+- **piece cache** (the default for tokenizers that allow it; ``--no-piece_cache`` turns it off): a tokenizer
+  whose normaliser is absent (or NFC) and whose pre-tokenizer is a sequence of regex splits (byte-level BPE:
+  GPT-2, GPT-NeoX/Pythia, Llama 3, SmolLM, ...) maps every pre-token ("piece", e.g. ``" Haus"``) to ids
+  independently of its neighbours. We split documents with the same patterns (the ``regex`` module), encode
+  each distinct piece once with the backend, and assemble documents by a vectorised gather from the cache.
+  Most of the backend's time goes to pre-tokenization and BPE merges, and natural text repeats its words
+  (Heaps' law: the share of new words falls as the corpus grows), so most words are looked up. Learning a new
+  word costs about five times encoding it, so a chunk in which more than ``bypass_new_fraction`` of the words
+  are new (random strings, hashes) goes to the backend whole and teaches the cache nothing. Measurements are
+  in ``benchmarks/README.md``.
 
   Exactness is checked, not assumed: every character is checked once against the backend's own
   pre-tokenizer (and normaliser) before a document containing it takes the cached path (the two regex engines
