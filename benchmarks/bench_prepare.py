@@ -269,6 +269,27 @@ def write_synthetic(target_mb: float, path: Path, seed: int = 0) -> dict:
     return {"copies": 0, "file_mb": written / MB, "text_bytes": text_bytes, "documents": docs}
 
 
+def new_word_shares(lines: list[str], seed: int = 0) -> list[float]:
+    """Share of new words (split at spaces, never seen before) in each successive MB of the German text, its
+    documents shuffled (seeded) so that the sources mix as in a crawl: how fast a word cache warms up on real
+    text (Heaps' law), as opposed to the repeated benchmark corpus, where no word is new after the first copy."""
+    docs = list(lines)
+    random.Random(seed).shuffle(docs)
+    seen: set[str] = set()
+    shares, size, words, new = [], 0, 0, 0
+    for d in docs:
+        for w in d.split(" "):
+            words += 1
+            if w not in seen:
+                seen.add(w)
+                new += 1
+        size += len(d.encode("utf-8")) + 1
+        if size >= MB:
+            shares.append(round(new / words, 4))
+            size = words = new = 0
+    return shares
+
+
 def write_results(args: argparse.Namespace, lines: list[str], runs: list[dict], final: bool) -> None:
     # Same tokenization on both sides: run_clm's tokens (text + one "\n" per line) = prepare's text + EOS.
     for label in {r["corpus"] for r in runs}:
@@ -293,6 +314,7 @@ def write_results(args: argparse.Namespace, lines: list[str], runs: list[dict], 
         "settings": {"vocab_size": args.vocab_size, "block_size": args.block_size, "num_proc": args.num_proc,
                      "perturbed_copies": args.perturb,
                      "corpora": str(args.corpora), "documents_once": len(lines)},
+        "new_word_share_per_mb_of_the_text_once": args.new_word_shares,
         "complete": final,
         "runs": runs,
         "throughput_ratio_vs_run_clm": ratios,
@@ -348,6 +370,7 @@ def main() -> None:
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     try:
         lines = load_german(args.corpora)
+        args.new_word_shares = new_word_shares(lines)
         t = time.perf_counter()
         tok_dir = train_bpe(lines, args.vocab_size, work / "tokenizer")
         print(f"trained a {args.vocab_size} byte-level BPE on {len(lines):,} German documents in "

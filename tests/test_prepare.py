@@ -344,16 +344,6 @@ def test_piece_cache_sends_text_that_never_repeats_to_the_backend(tok_dir):
     assert enc.stats["bypassed_chunks"] == 1 and enc.stats["cached_docs"] == 20
 
 
-def test_bpe_cache_size_does_not_change_ids(tok_dir, german_lines):
-    from tokenizers import Tokenizer
-
-    tj = Tokenizer.from_file(str(Path(tok_dir) / "tokenizer.json")).to_str()
-    small = Encoder(EncoderSpec(tj, 0, "uint16", True, None, False, bpe_cache_words=0))
-    big = Encoder(EncoderSpec(tj, 0, "uint16", True, None, False, bpe_cache_words=100_000))
-    for _ in range(2):  # the second pass is served from the enlarged cache
-        assert small.encode(german_lines).tolist() == big.encode(german_lines).tolist()
-
-
 # ------------------------------------------------------------------------------------------- input formats
 def test_every_input_format_gives_the_same_documents(tmp_path, docs):
     import pyarrow as pa

@@ -125,9 +125,6 @@ class PrepareConfig:
     benchmarks/README.md has the measurements; --no-piece_cache turns it off."""
     piece_cache_entries: int = 500_000
     """Entries (words and pieces) of the piece cache per worker, about 200 bytes each; starts over when full."""
-    bpe_cache_words: int = 200_000
-    """Capacity of the Rust BPE model's own word cache per worker (its default of 10,000 stops caching after
-    10,000 distinct words); 0 keeps the tokenizer's default."""
     max_shard_tokens: int = 2**27
     """Ids per shard file."""
     overwrite: bool = False
@@ -205,7 +202,7 @@ def load_tokenizer_info(cfg: PrepareConfig) -> _TokenizerInfo:
     spec = EncoderSpec(
         tokenizer_json=tokenizer_json, eos_token_id=int(tok.eos_token_id), dtype=dtype,
         split_special_tokens=cfg.split_special_tokens, split_patterns=patterns, nfc=nfc,
-        max_cached_pieces=cfg.piece_cache_entries, bpe_cache_words=cfg.bpe_cache_words,
+        max_cached_pieces=cfg.piece_cache_entries,
     )
     log.info("tokenizer %s: %d tokens, ids as %s, EOS %d, piece cache: %s", name, vocab_size, dtype,
              tok.eos_token_id, "on" if patterns else f"off ({reason})")
@@ -341,8 +338,6 @@ def _validate(cfg: PrepareConfig) -> None:
         raise ClpError(f"--block_size must be >= 1 (got {cfg.block_size})")
     if cfg.block_size is not None and not cfg.tokenizer:
         raise ClpError("--block_size needs --tokenizer (blocks are counted in tokens)")
-    if cfg.bpe_cache_words < 0:
-        raise ClpError(f"--bpe_cache_words must be >= 0 (got {cfg.bpe_cache_words})")
     if cfg.piece_cache_entries < 1000:
         raise ClpError(f"--piece_cache_entries must be >= 1000 (got {cfg.piece_cache_entries})")
     if cfg.max_shard_tokens < 1:
@@ -472,6 +467,8 @@ def _write_splits(
         exhausted = True
         dumps = json.encoder.encode_basestring  # = JSONEncoder(ensure_ascii=False).encode for a str, minus a layer
         documents = source.documents(counts, cfg.strict)
+        raw_lines: list[str] = []
+        raw_split = "train"
         for text, size in documents:
             if pos >= n_total:
                 exhausted = False
@@ -481,7 +478,14 @@ def _write_splits(
                 consume(runner.submit((chunk_split, chunk_bytes), chunk))
                 chunk, chunk_bytes = [], 0
             chunk_split = split
-            raw[split].write('{"text": ' + dumps(text) + "}\n")
+            if split != raw_split:
+                raw[raw_split].write("".join(raw_lines))
+                raw_lines.clear()
+                raw_split = split
+            raw_lines.append('{"text": ' + dumps(text) + "}\n")
+            if len(raw_lines) >= 4096:  # one write per batch of lines: cheaper than a call per document
+                raw[split].write("".join(raw_lines))
+                raw_lines.clear()
             docs[split] += 1
             nbytes[split] += size
             pos += size
@@ -497,6 +501,7 @@ def _write_splits(
             if chunk:
                 consume(runner.submit((chunk_split, chunk_bytes), chunk))
             consume(runner.drain())
+        raw[raw_split].write("".join(raw_lines))
         if docs["train"] == 0:
             raise ClpError(f"the source holds no documents (skipped: {counts.as_dict()}); nothing was written")
         for f in raw.values():

@@ -74,9 +74,6 @@ class EncoderSpec:
     bypass_new_fraction: float = 0.5
     """A chunk in which more than this share of the words is new to the cache goes to the backend as a whole
     (learning a word costs ~5x encoding it, so text that never repeats, e.g. random strings, would be slower)."""
-    bpe_cache_words: int = 200_000
-    """Capacity of the Rust BPE model's own word cache (its default, 10,000, stops caching after the first
-    10,000 distinct words; ~1.3x faster on German text at 200,000). 0 keeps the tokenizer's default."""
 
 
 def load_backend(spec_json: str, split_special_tokens: bool):
@@ -155,8 +152,6 @@ class Encoder:
     def __init__(self, spec: EncoderSpec) -> None:
         self.spec = spec
         self.backend = load_backend(spec.tokenizer_json, spec.split_special_tokens)
-        if spec.bpe_cache_words > 0 and hasattr(self.backend.model, "_resize_cache"):
-            self.backend.model._resize_cache(spec.bpe_cache_words)  # memoisation only: the ids do not change
         self.dtype = np.dtype(spec.dtype)
         self.limit = np.iinfo(self.dtype).max
         self.eos = int(spec.eos_token_id)
