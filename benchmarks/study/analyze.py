@@ -144,8 +144,9 @@ def plot(study: dict, png: Path) -> None:
             cs = curves[n]
             xs = [p["tokens"] / 1e3 for p in cs[0]]
             ys = [statistics.mean(c[i]["eval_bpb"] for c in cs) for i in range(len(cs[0]))]
-            color = "black" if n == "scratch" else plt.get_cmap("tab20")(ORDER.index(n) % 20 if n in ORDER else 19)
-            ax.plot(xs, ys, "--" if n == "scratch" else "-", color=color, marker=".", label=f"{n} (n={len(cs)})")
+            refs = {"scratch": "black", "scratch+constant": "dimgray"}  # the references: dashed
+            color = refs.get(n) or plt.get_cmap("tab20")(ORDER.index(n) % 20 if n in ORDER else 19)
+            ax.plot(xs, ys, "--" if n in refs else "-", color=color, marker=".", label=f"{n} (n={len(cs)})")
         ax.set_title(title)
         ax.set_xlabel("German training tokens (thousands)")
         ax.grid(alpha=0.3)
