@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
     p.add_argument("--runs", nargs="*", default=None, help="run names (default: all; see --list-runs)")
     p.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help=f"training seeds of the core runs {CORE}")
-    p.add_argument("--variant_seeds", "--variant-seeds", nargs="*", type=int, default=[0],
+    p.add_argument("--variant_seeds", "--variant-seeds", nargs="*", type=int, default=[0, 1, 2],
                    help="training seeds of the other runs (clp variants, schedules, peers)")
     p.add_argument("--list-runs", "--list_runs", action="store_true")
     p.add_argument("--until", choices=["splits", "source", "helper", "shards", "inits", "runs"], default="runs")
