@@ -622,3 +622,18 @@ def test_txt_lines_block_reader_matches_line_by_line(tmp_path, monkeypatch, part
     want, empty, invalid = _reference_txt_lines(data)
     assert got == want
     assert counts.empty == empty and counts.invalid_utf8 == invalid
+
+
+def test_use_rust_threads_sizes_the_pool_and_warns_when_parallelism_is_off(monkeypatch, caplog):
+    from clp_transfer.prepare_tokenize import use_rust_threads
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    use_rust_threads(3)
+    assert os.environ["RAYON_NUM_THREADS"] == "3" and "TOKENIZERS_PARALLELISM" not in os.environ
+    use_rust_threads(5)
+    assert os.environ["RAYON_NUM_THREADS"] == "3"  # the user's (or first) setting is kept
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with caplog.at_level("WARNING"):
+        use_rust_threads(2)
+    assert "runs on one thread" in caplog.text

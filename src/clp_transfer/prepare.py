@@ -235,11 +235,11 @@ class _ChunkRunner:
             return
         from .prepare_tokenize import Encoder, use_rust_threads
 
-        # Before the first parallel encode of this process builds the pool (later calls keep its size).
-        use_rust_threads(num_proc)
         if self.mode == "threads":
             from concurrent.futures import ThreadPoolExecutor
 
+            # Before the first parallel encode of this process builds the pool (later calls keep its size).
+            use_rust_threads(num_proc)
             # One chunk encoding, two waiting: enough to keep the pool busy while the main thread writes.
             self.max_in_flight = 3
             self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clp-tokenize")

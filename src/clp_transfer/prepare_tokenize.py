@@ -383,12 +383,10 @@ def use_rust_threads(n: int) -> None:
 
     The pool size is read once, when the process first encodes in parallel, so this must come first; a size
     set by the user (``RAYON_NUM_THREADS``) is kept. ``TOKENIZERS_PARALLELISM=false`` in the environment turns
-    the pool off (tokenization then runs on one thread, with a warning)."""
+    the pool off (tokenization then runs on one thread, with a warning); unset, the pool is on."""
     os.environ.setdefault("RAYON_NUM_THREADS", str(n))
     flag = os.environ.get("TOKENIZERS_PARALLELISM")
-    if flag is None:
-        os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    elif flag.strip().lower() in ("0", "false", "off", "no"):
+    if flag is not None and flag.strip().lower() in ("0", "false", "off", "no"):
         logging.getLogger(__name__).warning(
             "TOKENIZERS_PARALLELISM=%s: the tokenizer runs on one thread; unset it (or use --parallelism "
             "processes) to use %d cores", flag, n)
