@@ -627,8 +627,9 @@ def test_txt_lines_block_reader_matches_line_by_line(tmp_path, monkeypatch, part
 def test_use_rust_threads_sizes_the_pool_and_warns_when_parallelism_is_off(monkeypatch, caplog):
     from clp_transfer.prepare_tokenize import use_rust_threads
 
-    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
-    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
+        monkeypatch.setenv(name, "x")  # so that monkeypatch restores the original state afterwards
+        monkeypatch.delenv(name)
     use_rust_threads(3)
     assert os.environ["RAYON_NUM_THREADS"] == "3" and "TOKENIZERS_PARALLELISM" not in os.environ
     use_rust_threads(5)
