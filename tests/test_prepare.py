@@ -335,13 +335,25 @@ def test_piece_cache_sends_text_that_never_repeats_to_the_backend(tok_dir):
     words = ["".join(chr(c) for c in rng.integers(97, 123, size=8)) for _ in range(400)]
     random_docs = [" ".join(words[i : i + 20]) for i in range(0, 400, 20)]  # every word new
     natural = ["der Hund und die Katze und der Hund"] * 20  # two new words in three
-    enc = Encoder(EncoderSpec(tj, 0, "uint16", True, patterns, nfc))
+    enc = Encoder(EncoderSpec(tj, 0, "uint16", True, patterns, nfc, bypass_after_chunks=0))
     ref = Encoder(EncoderSpec(tj, 0, "uint16", True, None, nfc))
     assert enc.encode(random_docs).tolist() == ref.encode(random_docs).tolist()
     assert enc.stats["bypassed_chunks"] == 1 and enc.stats["cached_docs"] == 0
     assert len(enc._units) == 1  # nothing learned from it (only the EOS entry)
     assert enc.encode(natural).tolist() == ref.encode(natural).tolist()
     assert enc.stats["bypassed_chunks"] == 1 and enc.stats["cached_docs"] == 20
+    # by default the first two chunks teach the cache (a cold cache must be able to warm up) unless nearly
+    # every word is new
+    warm = Encoder(EncoderSpec(tj, 0, "uint16", True, patterns, nfc))
+    assert warm.encode(random_docs).tolist() == ref.encode(random_docs).tolist()
+    assert warm.stats["bypassed_chunks"] == 1 and len(warm._units) == 1  # all new: not learned
+    common = words[:30]
+    fresh = iter(["".join(chr(c) for c in rng.integers(97, 123, size=9)) for _ in range(3 * 160)])
+    for expect_bypassed in (1, 1, 2):  # 12 common + 8 fresh words per document: ~40-48% new per chunk
+        batch = [" ".join([common[(i + j) % 30] for j in range(12)] + [next(fresh) for _ in range(8)])
+                 for i in range(20)]
+        assert warm.encode(batch).tolist() == ref.encode(batch).tolist()
+        assert warm.stats["bypassed_chunks"] == expect_bypassed
 
 
 # ------------------------------------------------------------------------------------------- input formats

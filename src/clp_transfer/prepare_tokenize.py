@@ -71,9 +71,16 @@ class EncoderSpec:
     """The tokenizer normalises to NFC (the piece cache then only takes documents that are NFC already)."""
     max_cached_pieces: int = 500_000
     """Bound of the cache (words + pieces) per process, about 200 bytes each; it starts over when full."""
-    bypass_new_fraction: float = 0.5
-    """A chunk in which more than this share of the words is new to the cache goes to the backend as a whole
-    (learning a word costs ~5x encoding it, so text that never repeats, e.g. random strings, would be slower)."""
+    bypass_new_fraction: float = 0.3
+    """A chunk in which more than this share of the words is new to the cache goes to the backend as a whole:
+    learning a word costs several times encoding it, and the cached path breaks even at ~18% new words
+    (benchmarks/bench_piece_cache.py); natural German starts at ~22% in its first MB and falls from there."""
+    bypass_after_chunks: int = 2
+    """The bypass applies once this many chunks have taken the cached path, so that a cold cache always learns
+    from its first chunks (else text whose first chunk is above the bypass share would never warm it up)..."""
+    bypass_always_fraction: float = 0.6
+    """... unless more than this share of the chunk's words is new (random strings, hashes): then even the
+    first chunks go to the backend, and the cache neither pays for nor stores words that never come back."""
 
 
 def load_backend(spec_json: str, split_special_tokens: bool):
@@ -158,6 +165,7 @@ class Encoder:
         self._fast_backend = hasattr(self.backend, "encode_batch_fast")
         self.cache_enabled = spec.split_patterns is not None
         self.stats = {"cached_docs": 0, "backend_docs": 0, "cache_resets": 0, "bypassed_chunks": 0}
+        self._learned_chunks = 0  # chunks that took the cached path (the warm-up counts these)
         if self.cache_enabled:
             import regex
 
@@ -291,10 +299,14 @@ class Encoder:
         doc_keys = [self._doc_keys(t) if o else [] for t, o in zip(texts, ok)]
         seen = set(itertools.chain.from_iterable(doc_keys))
         new = seen.difference(self._units.index)
-        if len(new) > self.spec.bypass_new_fraction * sum(map(len, doc_keys)):
+        words = sum(map(len, doc_keys))
+        limit = self.spec.bypass_new_fraction if self._learned_chunks >= self.spec.bypass_after_chunks else \
+            self.spec.bypass_always_fraction
+        if len(new) > limit * words:
             self.stats["bypassed_chunks"] += 1
             self.stats["backend_docs"] += len(texts)
             return self._backend_array(texts)
+        self._learned_chunks += 1
         if new and len(self._units) + len(self._pieces) + len(new) > self.spec.max_cached_pieces:
             self.stats["cache_resets"] += 1
             self._reset_cache()
