@@ -280,6 +280,10 @@ class Encoder:
         unit_lens = np.bincount(owner, weights=piece_lens, minlength=len(keys)).astype(np.int64)
         self._units.add(keys, flat, unit_lens)
 
+    def _lookup(self, keys: list[Any]) -> np.ndarray:
+        """Cache rows of ``keys``, -1 where a key is not cached."""
+        return np.fromiter(map(self._units.index.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+
     def _doc_keys(self, text: str) -> list[Any]:
         """Unit keys of a document: words split at spaces when that is provably exact, else its pieces."""
         if self._word_units and not self._space_guard.search(text):
@@ -297,35 +301,48 @@ class Encoder:
         if self.spec.nfc:
             ok = [o and unicodedata.is_normalized("NFC", t) for o, t in zip(ok, texts)]
         doc_keys = [self._doc_keys(t) if o else [] for t, o in zip(texts, ok)]
-        seen = set(itertools.chain.from_iterable(doc_keys))
-        new = seen.difference(self._units.index)
-        words = sum(map(len, doc_keys))
-        limit = self.spec.bypass_new_fraction if self._learned_chunks >= self.spec.bypass_after_chunks else \
-            self.spec.bypass_always_fraction
-        if len(new) > limit * words:
-            self.stats["bypassed_chunks"] += 1
-            self.stats["backend_docs"] += len(texts)
-            return self._backend_array(texts)
+        # One lookup pass over the keys of every cacheable document, EOS after each: pid = row of the key in the
+        # cache, -1 if it is not there. Shape: (keys + documents,).
+        ok_docs = [i for i, o in enumerate(ok) if o]
+        flat: list[Any] = []
+        for i in ok_docs:
+            flat += doc_keys[i]
+            flat.append(_EOS_KEY)
+        pid = self._lookup(flat)
+        miss = np.flatnonzero(pid < 0)
+        if len(miss):
+            new = {flat[j] for j in miss.tolist()}
+            words = len(flat) - len(ok_docs)
+            limit = self.spec.bypass_new_fraction if self._learned_chunks >= self.spec.bypass_after_chunks else \
+                self.spec.bypass_always_fraction
+            if len(new) > limit * words:
+                self.stats["bypassed_chunks"] += 1
+                self.stats["backend_docs"] += len(texts)
+                return self._backend_array(texts)
+            if len(self._units) + len(self._pieces) + len(new) > self.spec.max_cached_pieces:
+                self.stats["cache_resets"] += 1
+                self._reset_cache()
+                pid = self._lookup(flat)
+                miss = np.flatnonzero(pid < 0)
+                new = {flat[j] for j in miss.tolist()}
+            new.difference_update(self._bad_units)
+            if new:
+                self._add_units(list(new))
+            pid[miss] = self._lookup([flat[j] for j in miss.tolist()])
+            unknown = pid < 0  # bad units (not a single pre-token alone): their documents go to the backend
+            if unknown.any():
+                doc_of = np.repeat(np.arange(len(ok_docs)), [len(doc_keys[i]) + 1 for i in ok_docs])
+                for d in np.unique(doc_of[unknown]).tolist():
+                    ok[ok_docs[d]] = False
         self._learned_chunks += 1
-        if new and len(self._units) + len(self._pieces) + len(new) > self.spec.max_cached_pieces:
-            self.stats["cache_resets"] += 1
-            self._reset_cache()
-            new = seen.difference(self._units.index)
-        new.difference_update(self._bad_units)
-        if new:
-            self._add_units(list(new))
-        if self._bad_units and not self._bad_units.isdisjoint(seen):
-            ok = [o and self._bad_units.isdisjoint(k) for o, k in zip(ok, doc_keys)]
+        start = dict(zip(ok_docs, np.cumsum([0] + [len(doc_keys[i]) + 1 for i in ok_docs]).tolist()))
         parts = []
         for good, run in itertools.groupby(range(len(texts)), key=ok.__getitem__):
             idx = list(run)
-            if good:
+            if good:  # consecutive cacheable documents: one contiguous slice of pid
                 self.stats["cached_docs"] += len(idx)
-                keys: list[Any] = []
-                for i in idx:
-                    keys += doc_keys[i]
-                    keys.append(_EOS_KEY)
-                parts.append(self._units.ids(keys)[0])
+                last = idx[-1]
+                parts.append(self._units.gather(pid[start[idx[0]] : start[last] + len(doc_keys[last]) + 1])[0])
             else:
                 self.stats["backend_docs"] += len(idx)
                 parts.append(self._backend_array([texts[i] for i in idx]))
@@ -377,7 +394,10 @@ class _IdTable:
 
     def ids(self, keys: list[Any]) -> tuple[np.ndarray, np.ndarray]:
         """(the ids of ``keys`` concatenated in order, the number of ids of each key)."""
-        pid = np.fromiter(map(self.index.__getitem__, keys), dtype=np.int64, count=len(keys))
+        return self.gather(np.fromiter(map(self.index.__getitem__, keys), dtype=np.int64, count=len(keys)))
+
+    def gather(self, pid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(the ids of rows ``pid`` concatenated in order, the number of ids of each row)."""
         lens = self.len[pid]
         if not len(pid):
             return np.zeros(0, dtype=np.int64), lens
