@@ -55,7 +55,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tj = Tokenizer.from_file(str(train_bpe(lines, 32000, Path(tmp) / "tok") / "tokenizer.json")).to_str()
     patterns, nfc, _ = plan_piece_cache(tj, True)
-    default_bypass = EncoderSpec(tj, 0, "uint16").bypass_new_fraction
+    spec = EncoderSpec(tj, 0, "uint16")
+    default_bypass = spec.bypass_new_fraction
     for share in (float(x) for x in args.shares.split(",")):
         rng = random.Random(0)
         letters = "abcdefghijklmnopqrstuvwxyz"
@@ -69,7 +70,8 @@ def main() -> None:
         ids = {}
         for name, pat, bypass in (("cache_no_bypass", patterns, 1.0), ("rust_only", None, 1.0),
                                   ("default", patterns, default_bypass)):
-            enc = Encoder(EncoderSpec(tj, 0, "uint16", True, pat, nfc, bypass_new_fraction=bypass))
+            enc = Encoder(EncoderSpec(tj, 0, "uint16", True, pat, nfc, bypass_new_fraction=bypass,
+                                      **({} if bypass < 1 else {"bypass_always_fraction": 1.0})))
             seen: set = set()
             fractions = []
             t = time.process_time()
@@ -91,6 +93,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"benchmark": "bench_piece_cache", "bypass_new_fraction": default_bypass,
+                                       "bypass_always_fraction": spec.bypass_always_fraction,
+                                       "bypass_after_chunks": spec.bypass_after_chunks,
                                        "rayon_threads": os.environ["RAYON_NUM_THREADS"], "rows": rows}, indent=2) + "\n")
 
 

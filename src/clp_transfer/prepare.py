@@ -121,7 +121,7 @@ class PrepareConfig:
     """An exact word/piece cache in front of the Rust tokenizer, for byte-level BPE tokenizers (GPT-2, Pythia,
     Llama 3, SmolLM, ...; others use the Rust tokenizer alone). The ids are identical either way (checked, see
     prepare_tokenize). Natural text repeats its words, so most of them are looked up instead of tokenized;
-    chunks of text that hardly repeats (more than half of the words new) go straight to the Rust tokenizer.
+    chunks of text that hardly repeats (over 30% new words) go straight to the Rust tokenizer.
     benchmarks/README.md has the measurements; --no-piece_cache turns it off."""
     piece_cache_entries: int = 500_000
     """Entries (words and pieces) of the piece cache per worker, about 200 bytes each; starts over when full."""
