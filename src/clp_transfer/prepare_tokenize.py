@@ -304,6 +304,7 @@ class Encoder:
         # One lookup pass over the keys of every cacheable document, EOS after each: pid = row of the key in the
         # cache, -1 if it is not there. Shape: (keys + documents,).
         ok_docs = [i for i, o in enumerate(ok) if o]
+        sizes = [len(doc_keys[i]) + 1 for i in ok_docs]  # keys + EOS of each cacheable document
         flat: list[Any] = []
         for i in ok_docs:
             flat += doc_keys[i]
@@ -331,11 +332,11 @@ class Encoder:
             pid[miss] = self._lookup([flat[j] for j in miss.tolist()])
             unknown = pid < 0  # bad units (not a single pre-token alone): their documents go to the backend
             if unknown.any():
-                doc_of = np.repeat(np.arange(len(ok_docs)), [len(doc_keys[i]) + 1 for i in ok_docs])
+                doc_of = np.repeat(np.arange(len(ok_docs)), sizes)
                 for d in np.unique(doc_of[unknown]).tolist():
                     ok[ok_docs[d]] = False
         self._learned_chunks += 1
-        start = dict(zip(ok_docs, np.cumsum([0] + [len(doc_keys[i]) + 1 for i in ok_docs]).tolist()))
+        start = dict(zip(ok_docs, itertools.accumulate(sizes, initial=0)))
         parts = []
         for good, run in itertools.groupby(range(len(texts)), key=ok.__getitem__):
             idx = list(run)
