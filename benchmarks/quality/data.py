@@ -16,6 +16,10 @@ most ``--max_heldout_doc_bytes`` are eligible. Everything else goes to ``helper_
   closest paraphrases of held-out text): they are left out of every split (``buffer``);
 - lines of a training document that occur verbatim in a held-out document (headings, boilerplate).
 
+``cpt_train`` (``--cpt_fraction``, default 0.2 of the training documents, chosen by sha256(seed, "cpt", text)
+and ordered by it) is the continued-pretraining text of the real-model study (``benchmarks/study_real``): the
+helper never sees it, so the study's training bytes are new to every model.
+
 The English corpora (``*.en.txt.gz``) become ``en_train`` with the same document rule, whole. They are
 translations of many of the same documents (not aligned), so English counterparts of held-out German text
 can be in ``en_train``; use it only for source-side resources (English fastText, dictionaries).
@@ -87,8 +91,14 @@ def fill(order: list[int], docs: list[str], taken: set[int], quota: float) -> li
     return chosen
 
 
+def cpt_bucket(seed: int, text: str) -> float:
+    """A document's place in [0, 1) for the helper / continued-pretraining division of the training text."""
+    return int.from_bytes(hashlib.sha256(f"{seed}\0cpt\0{text}".encode("utf-8")).digest()[:8], "big") / 2**64
+
+
 def make_splits(corpora: Path, seed: int = 0, doc_bytes: int = 1500, dev_bytes: int = 60_000,
-                test_bytes: int = 60_000, max_heldout_doc_bytes: int = 6000) -> tuple[dict, dict]:
+                test_bytes: int = 60_000, max_heldout_doc_bytes: int = 6000,
+                cpt_fraction: float = 0.0) -> tuple[dict, dict]:
     de_files = sorted(corpora.glob("*.de.txt.gz"))
     en_files = sorted(corpora.glob("*.en.txt.gz"))
     if not de_files:
@@ -127,8 +137,13 @@ def make_splits(corpora: Path, seed: int = 0, doc_bytes: int = 1500, dev_bytes: 
         corpus = f.name.split(".")[0]
         for i, d in enumerate(documents(f, "en", doc_bytes)):
             rows["en_train"].append({"id": f"{corpus}.en:{i:05d}", "corpus": corpus, "text": d})
+    if cpt_fraction > 0:
+        train_rows = rows["helper_train"]
+        rows["helper_train"] = [r for r in train_rows if cpt_bucket(seed, r["text"]) >= cpt_fraction]
+        rows["cpt_train"] = sorted((r for r in train_rows if cpt_bucket(seed, r["text"]) < cpt_fraction),
+                                   key=lambda r: cpt_bucket(seed, r["text"]))
     # Guard: no held-out document may appear in a training split.
-    train_texts = {r["text"] for r in rows["helper_train"]}
+    train_texts = {r["text"] for r in rows["helper_train"]} | {r["text"] for r in rows.get("cpt_train", [])}
     assert not any(r["text"] in train_texts for s in ("dev", "test") for r in rows[s])
     stats["inputs"] = {f.name: sha256_file(f) for f in de_files + en_files}
     return rows, stats
@@ -152,19 +167,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dev_bytes", "--dev-bytes", type=int, default=60_000)
     p.add_argument("--test_bytes", "--test-bytes", type=int, default=60_000)
     p.add_argument("--max_heldout_doc_bytes", "--max-heldout-doc-bytes", type=int, default=6000)
+    p.add_argument("--cpt_fraction", "--cpt-fraction", type=float, default=0.2,
+                   help="share of the training documents held apart as the study's continued-pretraining text")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     out = splits_dir(a.cache)
     try:
         if out.exists() and not a.overwrite:
             raise ClpError(f"{out} exists; pass --overwrite to rebuild it")
-        rows, stats = make_splits(a.corpora, a.seed, a.doc_bytes, a.dev_bytes, a.test_bytes, a.max_heldout_doc_bytes)
+        rows, stats = make_splits(a.corpora, a.seed, a.doc_bytes, a.dev_bytes, a.test_bytes, a.max_heldout_doc_bytes,
+                                  a.cpt_fraction)
         manifest = {"settings": {"corpora": str(a.corpora.resolve()), "seed": a.seed, "doc_bytes": a.doc_bytes,
                                  "dev_bytes": a.dev_bytes, "test_bytes": a.test_bytes,
-                                 "max_heldout_doc_bytes": a.max_heldout_doc_bytes},
+                                 "max_heldout_doc_bytes": a.max_heldout_doc_bytes,
+                                 "cpt_fraction": a.cpt_fraction},
                     "input_sha256": stats.pop("inputs"), "excluded": stats, "splits": {}}
         with atomic_directory(out, overwrite=a.overwrite) as tmp:
-            for name in ("helper_train", "dev", "test", "en_train"):
+            for name in [n for n in ("helper_train", "cpt_train", "dev", "test", "en_train") if n in rows]:
                 (tmp / f"{name}.jsonl").write_text(jsonl_text(rows[name]), encoding="utf-8")
                 (tmp / f"{name}.txt").write_text("".join(r["text"] + "\n" for r in rows[name]), encoding="utf-8")
                 manifest["splits"][name] = split_summary(rows[name]) | {
