@@ -318,3 +318,78 @@ def test_tiny_cpu_config_trains_with_overrides(setup, tmp_path):
                 "--report_to", "jsonl", "--no-progress"]) == 0
     saved = (tmp_path / "o" / "run_config.yaml").read_text()
     assert "embedding_tuning_ratio: 0.5" in saved and "max_steps: 4" in saved
+
+
+# ------------------------------------------------------------------------------------------- study levers
+
+
+def test_sequential_order_reads_blocks_in_corpus_order_every_epoch():
+    o = BlockOrder(7, seed=3, shuffle=False)
+    assert list(o.blocks(0, 7)) == list(range(7)) and list(o.blocks(5, 4)) == [5, 6, 0, 1]
+
+
+def test_warmup_steps_replace_the_ratio_and_are_capped():
+    ph = plan_phases(100, 0.0, 8, None, "cosine", None, 0.01, None, 0.1, warmup_steps=10)
+    assert ph[0].warmup_steps == 10 and ph[0].lr_factor(0) < 0.1 and ph[0].lr_factor(10) == 1.0
+    assert plan_phases(5, 0.0, 8, None, "cosine", None, 0.01, None, 0.1, warmup_steps=50)[0].warmup_steps == 4
+
+
+def test_row_scales_rescale_each_rows_update_exactly():
+    from clp_transfer.train import scale_row_updates
+
+    before = torch.randn(5, 3)
+    p = torch.nn.Parameter(before + 1.0)  # every row moved by +1
+    scale_row_updates([p], [before], torch.tensor([1.0, 0.0, 0.5, 1.0, 0.25]))
+    assert torch.allclose(p.detach() - before, torch.tensor([1.0, 0.0, 0.5, 1.0, 0.25])[:, None].expand(5, 3))
+
+
+def _with_report(model_dir: Path, tmp_path: Path, new_ids: list[int]) -> Path:
+    import shutil
+
+    out = tmp_path / "model"
+    shutil.copytree(model_dir, out)
+    (out / "transfer_report.json").write_text(json.dumps({"new_token_ids": new_ids}))
+    return out
+
+
+def test_new_rows_only_phase_keeps_shared_rows_and_body(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    new = list(range(100, 300))
+    model = _with_report(setup[0], tmp_path, new)
+    res = train(cfg_for(setup, tmp_path / "run", model=str(model), max_steps=3, embedding_tuning_ratio=1.0,
+                        embedding_tuning_rows="new", embedding_learning_rate=1e-2))
+    mb, ma = AutoModelForCausalLM.from_pretrained(model), AutoModelForCausalLM.from_pretrained(res.final_dir)
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        wb, wa = getattr(mb, get)().weight.detach(), getattr(ma, get)().weight.detach()
+        shared = [i for i in range(wb.shape[0]) if i not in set(new)]
+        assert torch.equal(wb[shared], wa[shared]), f"shared rows of {get} moved"
+        assert not torch.equal(wb[new], wa[new]), f"new rows of {get} did not learn"
+    sb, sa = mb.state_dict(), ma.state_dict()
+    assert torch.equal(sb["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], sa["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"])
+
+
+def test_new_token_multiplier_zero_freezes_new_rows_and_needs_a_report(setup, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    new = list(range(50, 120))
+    model = _with_report(setup[0], tmp_path, new)
+    res = train(cfg_for(setup, tmp_path / "run", model=str(model), max_steps=2, new_token_lr_multiplier=0.0))
+    wb = AutoModelForCausalLM.from_pretrained(model).get_input_embeddings().weight.detach()
+    wa = AutoModelForCausalLM.from_pretrained(res.final_dir).get_input_embeddings().weight.detach()
+    assert torch.equal(wb[new], wa[new]) and not torch.equal(wb, wa)
+    with pytest.raises(ClpError, match="transfer_report.json"):
+        train(cfg_for(setup, tmp_path / "run2", max_steps=2, new_token_lr_multiplier=3.0))
+
+
+def test_eval_callback_results_join_the_evaluation_records(setup, tmp_path):
+    seen = []
+
+    def cb(model, step):
+        assert not model.training
+        seen.append(step)
+        return {"custom_metric": float(step)}
+
+    res = train(cfg_for(setup, tmp_path / "run", max_steps=4, eval_steps=2), eval_callback=cb)
+    recs = [json.loads(l) for l in res.log_path.read_text().splitlines()]
+    assert seen == [2, 4] and [r["custom_metric"] for r in recs if "custom_metric" in r] == [2.0, 4.0]

@@ -59,8 +59,13 @@ def plan_phases(
     warmup_ratio: float,
     embedding_warmup_ratio: float | None,
     min_ratio: float,
+    warmup_steps: int | None = None,
 ) -> list[Phase]:
-    """Split ``total_steps`` into phase 1 (``round(ratio * total)`` steps) and phase 2 (the rest)."""
+    """Split ``total_steps`` into phase 1 (``round(ratio * total)`` steps) and phase 2 (the rest).
+
+    ``warmup_steps``, when given, is phase 2's warm-up in steps (capped at the phase's length) instead of
+    ``warmup_ratio`` of it.
+    """
     n1 = min(total_steps, int(round(embedding_ratio * total_steps)))
     if embedding_ratio > 0 and n1 == 0:
         n1 = 1  # a requested phase 1 is never silently dropped
@@ -71,7 +76,8 @@ def plan_phases(
                             embedding_schedule or schedule, int(wr * n1), min_ratio))
     n2 = total_steps - n1
     if n2:
-        phases.append(Phase("full", n1, n2, batch_size, schedule, int(warmup_ratio * n2), min_ratio))
+        warm = int(warmup_ratio * n2) if warmup_steps is None else min(warmup_steps, n2 - 1)
+        phases.append(Phase("full", n1, n2, batch_size, schedule, warm, min_ratio))
     return phases
 
 
@@ -104,16 +110,23 @@ class BlockOrder:
     Sample ``g`` lies in epoch ``g // num_blocks``; its block is ``perm(epoch)[g % num_blocks]``, where
     ``perm(epoch)`` is drawn from ``numpy.random.default_rng((seed, epoch))`` - a pure function, so a resumed
     run, or another process, finds the same block for the same ``g``.
+
+    With ``shuffle=False`` every epoch reads the blocks in corpus order (``perm`` is the identity): the order
+    in which documents were written to the shards is the order in which they are learned, so two models with
+    different tokenizers trained on the same documents see the same text in the same order.
     """
 
-    def __init__(self, num_blocks: int, seed: int) -> None:
+    def __init__(self, num_blocks: int, seed: int, shuffle: bool = True) -> None:
         if num_blocks <= 0:
             raise ValueError("num_blocks must be positive")
         self.num_blocks = num_blocks
         self.seed = seed
+        self.shuffle = shuffle
         self._perm = lru_cache(maxsize=2)(self._permutation)
 
     def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_blocks)
         return np.random.default_rng((self.seed, epoch)).permutation(self.num_blocks)
 
     def blocks(self, start: int, count: int) -> np.ndarray:

@@ -36,7 +36,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 # Settings that decide which batches and updates a run makes: a resumed run must not change them.
 RESUME_KEYS = ("model", "data", "from_scratch", "model_config", "seed", "per_device_train_batch_size",
                "gradient_accumulation_steps", "block_size", "embedding_tuning_ratio", "embedding_batch_size",
-               "max_steps", "max_tokens")
+               "max_steps", "max_tokens", "data_order")
 FAULT_ENV = "CLP_TRANSFER_FAULT_AT_STEP"  # tests: SIGKILL the process after this step (crash simulation)
 
 
@@ -169,6 +169,46 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, phase: Phase, step: int
         g["lr"] = peak * f
         top = max(top, g["lr"])
     return top
+
+
+def new_token_ids(model_dir: str | os.PathLike | None) -> list[int] | None:
+    """Ids of the tokens a transfer added (``transfer_report.json`` beside the model), or None when unknown."""
+    if model_dir is None:
+        return None
+    report = Path(model_dir) / "transfer_report.json"
+    if not report.is_file():
+        return None
+    ids = json.loads(report.read_text(encoding="utf-8")).get("new_token_ids")
+    return [int(i) for i in ids] if ids is not None else None
+
+
+def row_lr_scales(cfg: TrainConfig, phase: Phase, rows: int, new_ids: list[int] | None) -> torch.Tensor | None:
+    """Per-row learning-rate multipliers [rows] of the embedding matrices in ``phase``, or None (all 1).
+
+    New rows get ``--new_token_lr_multiplier``; in phase 1 with ``--embedding_tuning_rows new`` the other rows
+    get 0 (frozen). Row scaling acts on the update (see :func:`scale_row_updates`), so it works for any
+    optimizer whose step is proportional to its learning rate, as AdamW's is (decoupled decay included).
+    """
+    freeze_shared = phase.name == "embedding-tuning" and cfg.embedding_tuning_rows == "new"
+    if cfg.new_token_lr_multiplier == 1.0 and not freeze_shared:
+        return None
+    if new_ids is None:
+        raise ClpError("--new_token_lr_multiplier / --embedding_tuning_rows new need the ids of the new tokens: "
+                       "the model directory has no transfer_report.json (train a model written by `transfer`)")
+    scales = torch.full((rows,), 0.0 if freeze_shared else 1.0)
+    scales[torch.tensor(new_ids, dtype=torch.long)] = cfg.new_token_lr_multiplier
+    return scales
+
+
+def scale_row_updates(params: list[torch.nn.Parameter], before: list[torch.Tensor], scales: torch.Tensor) -> None:
+    """Rescale the update each embedding row just received: ``p = before + (p - before) * scales[row]``.
+
+    ``scales`` [rows] is relative to the largest multiplier, at which the group's lr was set for this step.
+    """
+    with torch.no_grad():
+        for p, b in zip(params, before):
+            s = scales.to(device=p.device, dtype=p.dtype)[: p.shape[0], None]
+            p.copy_(torch.addcmul(b, p - b, s))
 
 
 def set_trainable(model: Any, embeddings: list[torch.nn.Parameter], body_trainable: bool, distributed: bool) -> None:
@@ -366,8 +406,13 @@ def _total_steps(cfg: TrainConfig, world: int) -> int:
     return steps_for_tokens(cfg.max_tokens, cfg.embedding_tuning_ratio, bs1 * per, cfg.per_device_train_batch_size * per)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Run (or resume) continued pretraining; see the module docstring for what is written where."""
+def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, float]] | None = None) -> TrainResult:
+    """Run (or resume) continued pretraining; see the module docstring for what is written where.
+
+    ``eval_callback(model, step)`` (Python API only) runs at every evaluation step after the built-in
+    evaluation, on every process, with the unwrapped model in eval mode; the numbers it returns are added to
+    that step's evaluation record (e.g. exact bits per byte on held-out documents).
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -413,8 +458,8 @@ def train(config: TrainConfig) -> TrainResult:
     min_ratio = cfg.min_lr / cfg.learning_rate
     phases = plan_phases(total_steps, cfg.embedding_tuning_ratio, cfg.per_device_train_batch_size,
                          cfg.embedding_batch_size, cfg.lr_scheduler_type, cfg.embedding_lr_scheduler_type,
-                         cfg.warmup_ratio, cfg.embedding_warmup_ratio, min_ratio)
-    order = BlockOrder(train_shards.num_blocks(block), cfg.seed)
+                         cfg.warmup_ratio, cfg.embedding_warmup_ratio, min_ratio, warmup_steps=cfg.warmup_steps)
+    order = BlockOrder(train_shards.num_blocks(block), cfg.seed, shuffle=cfg.data_order == "shuffled")
     accum = cfg.gradient_accumulation_steps
 
     embeddings = embedding_parameters(model)
@@ -424,6 +469,13 @@ def train(config: TrainConfig) -> TrainResult:
     embeddings = embedding_parameters(raw)  # same tensors after placement on the device
     emb_ids = {id(p) for p in embeddings}
     body_params = [p for p in raw.parameters() if id(p) not in emb_ids]
+    added_ids = new_token_ids(cfg.model if not cfg.from_scratch else None)
+    rows = embeddings[0].shape[0]
+    phase_row_scales = {p.name: row_lr_scales(cfg, p, rows, added_ids) for p in phases}
+    if any(v is not None for v in phase_row_scales.values()) and accelerator.distributed_type.name in ("FSDP",
+                                                                                                      "DEEPSPEED"):
+        raise ClpError("per-row learning rates (--new_token_lr_multiplier, --embedding_tuning_rows new) need whole "
+                       "embedding matrices on every process: use DDP or one device, not FSDP/DeepSpeed")
 
     start_step = 0
     if resume_from is not None:
@@ -490,6 +542,13 @@ def train(config: TrainConfig) -> TrainResult:
             current_phase = phase
             log.info("phase %s: steps %d-%d, batch %d", phase.name, phase.start, phase.end - 1, phase.batch_size)
         lr = set_learning_rates(optimizer, phase, step, cfg)
+        row_scales = phase_row_scales[phase.name]
+        if row_scales is not None:
+            top_scale = float(row_scales.max())
+            for g in optimizer.param_groups:
+                if g["kind"] == "embedding":
+                    g["lr"] *= top_scale
+            row_scales = row_scales / top_scale if top_scale > 0 else row_scales
         first = samples_before(phases, step, world, accum)
         for micro in range(accum):
             s0, n = micro_batch_samples(first, micro, accelerator.process_index, world, phase.batch_size)
@@ -510,7 +569,10 @@ def train(config: TrainConfig) -> TrainResult:
         if cfg.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_([p for p in raw.parameters() if p.grad is not None],
                                                     cfg.max_grad_norm)
+        before = [p.detach().clone() for p in embeddings] if row_scales is not None else None
         optimizer.step()
+        if before is not None:
+            scale_row_updates(embeddings, before, row_scales)
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         bar.update(1)
@@ -537,6 +599,10 @@ def train(config: TrainConfig) -> TrainResult:
         if eval_ids is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
             last_eval = evaluate_blocks(model, valid_shards, eval_ids, block, cfg.per_device_eval_batch_size,
                                         accelerator)
+            if eval_callback is not None:
+                raw.eval()
+                last_eval = {**last_eval, **eval_callback(raw, done)}
+                raw.train()
             if runlog is not None:
                 runlog.write({"step": done, "tokens": samples_before(phases, done, world, accum) * block,
                               **last_eval})

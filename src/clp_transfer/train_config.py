@@ -6,6 +6,7 @@ Field names follow Hugging Face ``TrainingArguments`` wherever one exists, so ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,6 +54,8 @@ class TrainConfig:
     """Schedule of phase 2 after warm-up: cosine decay to --min_lr, or constant."""
     warmup_ratio: float = 0.01
     """Fraction of phase 2's steps spent warming up linearly from 0."""
+    warmup_steps: int | None = None
+    """Warm-up steps of phase 2; when set it replaces --warmup_ratio (capped at the phase's length)."""
     weight_decay: float = 0.1
     """AdamW weight decay of matrices (norms and biases are never decayed)."""
     adam_beta1: float = 0.9
@@ -77,6 +80,15 @@ class TrainConfig:
     """Schedule of phase 1 (default: --lr_scheduler_type)."""
     embedding_warmup_ratio: float | None = None
     """Warm-up fraction of phase 1 (default: --warmup_ratio)."""
+    embedding_tuning_rows: Literal["all", "new"] = "all"
+    """Rows that learn in phase 1: all embedding rows, or only those of the tokens the transfer added (the
+    shared rows stay as the source had them until phase 2). Needs the model's transfer_report.json."""
+    new_token_lr_multiplier: float = 1.0
+    """Learning rate of the rows of the tokens the transfer added, as a multiple of the rate of the other
+    embedding rows, in every phase (a tied head shares these rows). Needs the model's transfer_report.json."""
+    data_order: Literal["shuffled", "sequential"] = "shuffled"
+    """shuffled = a seeded permutation of the blocks every epoch; sequential = the blocks in the order prepare
+    wrote them (the documents' order), e.g. to train two tokenizers on the same text in the same order."""
 
     eval_steps: int = 200
     """Evaluate on the fixed validation subset every N steps (0 = never during training)."""
@@ -136,6 +148,10 @@ class TrainConfig:
             raise ClpError("--block_size must be at least 2")
         if self.learning_rate <= 0 or self.embedding_learning_rate <= 0:
             raise ClpError("learning rates must be positive")
+        if not (math.isfinite(self.new_token_lr_multiplier) and self.new_token_lr_multiplier >= 0):
+            raise ClpError("--new_token_lr_multiplier must be a finite number >= 0")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ClpError("--warmup_steps must be >= 0")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise ClpError("--min_lr must lie in [0, --learning_rate]")
         unknown = set(self.report_to) - {"jsonl", "tensorboard", "wandb", "none"}
