@@ -57,6 +57,10 @@ _OS_HINTS = {
 }
 
 
+_OS_CLASSES = ((FileNotFoundError, errno.ENOENT), (PermissionError, errno.EACCES), (NotADirectoryError, errno.ENOTDIR),
+               (IsADirectoryError, errno.EISDIR))
+
+
 def describe_failure(e: BaseException) -> str | None:
     """One actionable line for an *expected* failure (user input or environment), or None for a real bug.
 
@@ -71,10 +75,14 @@ def describe_failure(e: BaseException) -> str | None:
     if isinstance(e, UnicodeDecodeError):
         return (f"an input file is not valid UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of "
                 "a block); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
-    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+    if isinstance(e, OSError):
+        # Some libraries (safetensors) raise FileNotFoundError & co. without errno: take it from the class.
+        code = e.errno if e.errno is not None else next(
+            (c for cls, c in _OS_CLASSES if isinstance(e, cls)), None)
         where = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
-        hint = _OS_HINTS.get(e.errno, "")
-        return f"{e.strerror}" + (f": {where}" if where else "") + (f"; {hint}" if hint else "")
+        head = f"{e.strerror}" + (f": {where}" if where else "") if e.strerror else first
+        hint = _OS_HINTS.get(code, "") if code is not None else ""
+        return head + (f"; {hint}" if hint else "")
     kind = type(e).__name__
     module = type(e).__module__ or ""
     if "safetensors" in module or kind == "SafetensorError":
