@@ -101,7 +101,7 @@ def test_prepare_overwrite_refuses_the_directory_holding_its_files(tmp_path, cap
         code = cli(["prepare", "--files", *files, "--output_dir", str(corpus), "--subsample_size_mb", "0.001",
                     "--overwrite"])
         assert code == 2
-        one_clear_line(capsys.readouterr().err, "contains the input")
+        one_clear_line(capsys.readouterr().err, "the input", "could destroy the input")
         assert (corpus / "de.txt").read_text(encoding="utf-8").startswith("eins zwei")
 
 
@@ -121,7 +121,7 @@ import sys, time
 from clp_transfer.atomic import output_lock
 with output_lock(sys.argv[1]):
     print("locked", flush=True)
-    time.sleep(120)
+    time.sleep(float(sys.argv[2]))
 """
 
 
@@ -130,8 +130,9 @@ def lock_holder():
     """``hold(path)``: a separate process that holds the output lock of ``path``, as a running stage does."""
     procs = []
 
-    def hold(path: Path) -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True,
+    def hold(path: Path, seconds: float = 120) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path), str(seconds)], stdout=subprocess.PIPE,
+                             text=True,
                              env=dict(os.environ, PYTHONPATH=str(REPO / "src")))
         procs.append(p)
         assert p.stdout.readline().strip() == "locked"
@@ -161,6 +162,26 @@ def test_a_second_run_on_a_busy_output_fails_fast(tmp_path, pair, train_setup, l
     assert time.perf_counter() - t0 < 30
     one_clear_line(capsys.readouterr().err, "another run", f"pid {holder.pid}", "right now")
     assert not out.exists()
+
+
+def test_the_lock_is_reentrant_waits_for_caches_and_leaves_no_file(tmp_path, lock_holder):
+    from clp_transfer.atomic import atomic_directory, lock_path, output_lock
+
+    out = tmp_path / "deep" / "out"
+    with output_lock(out):
+        with atomic_directory(out) as tmp:  # the stage's own atomic write shares the lock it holds
+            (tmp / "x").write_text("1")
+    assert (out / "x").read_text() == "1" and sorted(p.name for p in out.parent.iterdir()) == ["out"]
+    holder = lock_holder(tmp_path / "cache", seconds=2)
+    t0 = time.perf_counter()
+    with atomic_directory(tmp_path / "cache", overwrite=True, wait=True) as tmp:
+        waited = time.perf_counter() - t0  # the lock comes only once the other writer is done (2 s)
+        (tmp / "y").write_text("2")
+    assert waited >= 1.5 and holder.wait(timeout=30) == 0
+    assert not lock_path(tmp_path / "cache").exists()
+    with output_lock(tmp_path / "a" / "b" / "c"):  # parents made for the lock are removed when nothing was written
+        assert (tmp_path / "a" / "b").is_dir()
+    assert not (tmp_path / "a").exists()
 
 
 def test_two_concurrent_transfers_do_not_replace_each_other(tmp_path, pair, monkeypatch):
@@ -436,6 +457,7 @@ def test_output_without_write_permission(tmp_path, pair, capsys, monkeypatch):
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "UTF-8"),
     (ValueError("... contains custom code ... pass `trust_remote_code=True`"), "--trust_remote_code"),
     (json.JSONDecodeError("Expecting value", "", 0), "JSON file is corrupt"),
+    (RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory"), "torch zip"),
 ])
 def test_expected_failures_become_one_actionable_line(exc, needle):
     message = describe_failure(exc)

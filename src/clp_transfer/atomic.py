@@ -97,15 +97,16 @@ def _owner_of(lock: Path) -> str:
         return ""
 
 
-def _acquire(path: Path, what: str) -> int:
-    """Open and flock the lock file of ``path`` without blocking; retries when it was replaced meanwhile."""
+def _acquire(path: Path, what: str, wait: bool = False) -> int:
+    """Open and flock the lock file of ``path`` (without blocking unless ``wait``); retries when the file was
+    replaced meanwhile."""
     import fcntl
 
     lock = lock_path(path)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
@@ -147,11 +148,12 @@ def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
+def output_lock(path: str | os.PathLike, what: str = "output", wait: bool = False) -> Iterator[Path]:
     """Hold the exclusive lock of output ``path`` for the block (re-entrant within one process).
 
     The first (outermost) claim creates missing parent directories, takes the lock - failing at once with a
-    clear message when another run holds it - and removes temporaries of dead runs. On exit the lock file is
+    clear message when another run holds it, or waiting for it with ``wait`` (shared caches) - and removes
+    temporaries of dead runs. On exit the lock file is
     deleted, and parent directories this claim created are removed again when they are still empty.
     """
     p = Path(os.path.normpath(Path(path).expanduser().absolute()))
@@ -171,7 +173,7 @@ def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         parent = parent.parent
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = _acquire(p, what)
+        fd = _acquire(p, what, wait)
     except BaseException:
         _remove_empty(created)
         raise
@@ -196,7 +198,7 @@ def _remove_empty(dirs: list[Path]) -> None:
 
 @contextlib.contextmanager
 def claim_output(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Any] = (),
-                 what: str = "output") -> Iterator[Path]:
+                 what: str = "output", wait: bool = False) -> Iterator[Path]:
     """Everything a stage checks about its output before starting work, and the lock for the whole run.
 
     Refuses an existing output without ``overwrite``, an output that is, contains or lies inside one of the
@@ -204,18 +206,20 @@ def claim_output(path: str | os.PathLike, overwrite: bool = False, inputs: Itera
     """
     final = check_output_path(path, overwrite, what)
     check_disjoint(final, list(inputs), what)
-    with output_lock(final, what):
+    with output_lock(final, what, wait):
         yield final
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Any] = ()) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool = False, inputs: Iterable[Any] = (),
+                     wait: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` when the block ends without an exception.
 
     On an exception (Ctrl-C and SIGTERM included) the temporary directory is removed and ``path`` is left as
-    it was. The output's lock is held throughout (see :func:`claim_output`).
+    it was. The output's lock is held throughout (see :func:`claim_output`; ``wait``: wait for another
+    writer instead of failing, for caches that several runs may fill at once).
     """
-    with claim_output(path, overwrite, inputs) as final:
+    with claim_output(path, overwrite, inputs, wait=wait) as final:
         tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:

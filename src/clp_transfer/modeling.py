@@ -158,7 +158,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike | Non
     plain.load_state_dict(loaded.state_dict(), strict=False)
     plain.tie_weights()
     del loaded
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, wait=True) as tmp:  # a shared cache: wait for another writer
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
@@ -176,7 +176,7 @@ def pickle_to_safetensors(model_dir: Path, trust_remote_code: bool = False) -> P
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=False, trust_remote_code=trust_remote_code
     )
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, wait=True) as tmp:  # a shared cache: wait for another writer
         model.save_pretrained(tmp)
         with contextlib.suppress(Exception):
             AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
