@@ -326,6 +326,53 @@ def test_prepare_workers_die_with_a_killed_parent(tmp_path):
     assert not _alive(child), "the worker outlived its SIGKILLed parent"
 
 
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.split(")")[-1].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+@pytest.mark.slow  # ~15-20 s on 2 busy cores; test_prepare_workers_die_with_a_killed_parent is the fast check
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks /proc")
+def test_sigkilled_prepare_leaves_no_worker_processes(tmp_path, german_lines):
+    from clp_transfer.tiny import train_tokenizer
+
+    train_tokenizer(german_lines, 400, "bpe").save_pretrained(tmp_path / "tok")
+    text = tmp_path / "big.txt"
+    with open(text, "w", encoding="utf-8") as f:
+        for i in range(4000):  # a few MB of varied lines: the run outlasts the workers' start-up
+            f.write(" ".join(f"{w}{i % 97}{j}" for j, w in enumerate(german_lines[i % len(german_lines)].split())))
+            f.write("\n" + german_lines[i % len(german_lines)] * 8 + "\n")
+    p = subprocess.Popen([sys.executable, "-m", "clp_transfer.cli", "prepare", "--files", str(text), "--output_dir",
+                          str(tmp_path / "out"), "--tokenizer", str(tmp_path / "tok"), "--subsample_size_mb", "9",
+                          "--num_proc", "2", "--parallelism", "processes", "--no-progress"],
+                         env=dict(os.environ, PYTHONPATH=str(REPO / "src")), stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline:
+        workers = [c for c in _children(p.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="ignore")]
+        if len(workers) >= 2:
+            break
+        time.sleep(0.05)
+    assert len(workers) >= 2 and p.poll() is None, "the prepare run ended before its workers were seen"
+    p.kill()
+    p.wait()
+    deadline = time.time() + 10
+    while any(_alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    orphans = [w for w in workers if _alive(w)]
+    for w in orphans:  # do not leave them running when the test fails
+        os.kill(w, signal.SIGKILL)
+    assert not orphans, "prepare's workers outlived their SIGKILLed parent"
+
+
 def test_prepare_process_pool_workers_are_told_their_parent(monkeypatch):
     """prepare's process pool passes its pid to the worker initializer (which arms die_with_parent)."""
     import clp_transfer.prepare as prep
@@ -348,8 +395,10 @@ def test_resume_with_the_identical_command_resumes_when_block_size_was_not_given
     train(cfg)
     saved = (tmp_path / "run" / "run_config.yaml").read_text()
     assert "block_size: 32" in saved  # resolved from the data (32 there) when it was not given
+    half_written = tmp_path / "run" / "checkpoints" / ".step-000004.tmp"  # from a run killed while saving
+    half_written.mkdir()
     res = train(train_cfg(train_setup, tmp_path / "run", block_size=None, max_steps=4, save_steps=2, resume=True))
-    assert res.resumed_from == 2
+    assert res.resumed_from == 2 and not half_written.exists()
     with pytest.raises(ClpError, match="block_size: 32 -> 16"):  # a really different block size is refused
         train(train_cfg(train_setup, tmp_path / "run", block_size=16, max_steps=4, save_steps=2, resume=True))
 
@@ -391,19 +440,19 @@ def test_truncated_source_weights_are_named(tmp_path, pair, capsys):
 def test_resume_skips_a_truncated_checkpoint_or_names_the_file(tmp_path, train_setup, damaged, caplog):
     from clp_transfer.train import train
 
-    train(train_cfg(train_setup, tmp_path / "run", max_steps=6, save_steps=2))
+    train(train_cfg(train_setup, tmp_path / "run", max_steps=5, save_steps=2))
     ckpts = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
     truncate(ckpts / "step-000004" / damaged)
     with caplog.at_level("WARNING"):
-        res = train(train_cfg(train_setup, tmp_path / "run", max_steps=6, save_steps=2, resume=True))
+        res = train(train_cfg(train_setup, tmp_path / "run", max_steps=5, save_steps=2, resume=True))
     assert res.resumed_from == 2
     assert any("step-000004" in r.getMessage() and damaged in r.getMessage() for r in caplog.records)
     # every checkpoint damaged: a clear error naming the file, no silent garbage
     for ck in ckpts.glob("step-*"):
         truncate(ck / damaged)
     with pytest.raises(ClpError, match=f"no intact checkpoint.*step-00000[24]/{damaged}"):
-        train(train_cfg(train_setup, tmp_path / "run", max_steps=6, save_steps=2, resume=True))
+        train(train_cfg(train_setup, tmp_path / "run", max_steps=5, save_steps=2, resume=True))
 
 
 def latin1_file(path: Path) -> Path:

@@ -203,6 +203,10 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Check --output_dir against --resume/--overwrite; returns the checkpoint to resume from (or None)."""
     run_dir = Path(cfg.output_dir)  # type: ignore[arg-type]
+    if is_main and (run_dir / "checkpoints").is_dir():
+        for stale in (run_dir / "checkpoints").glob(".step-*.tmp"):  # a checkpoint a killed run was writing
+            log.warning("removing %s, left behind by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     occupied = run_dir.exists() and any(run_dir.iterdir())
     if occupied and not (cfg.resume or cfg.overwrite):
         what = "another run" if (run_dir / "run_config.yaml").is_file() else "files"
