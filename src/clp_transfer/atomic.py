@@ -99,15 +99,21 @@ def _owner_of(lock: Path) -> str:
 
 def _acquire(path: Path, what: str, wait: bool = False) -> int:
     """Open and flock the lock file of ``path`` (without blocking unless ``wait``); retries when the file was
-    replaced meanwhile."""
-    import fcntl
-
+    replaced meanwhile. Where the file system or platform has no locks, warns and returns the file unlocked."""
     lock = lock_path(path)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        log.warning("no file locks on this platform: a second run on %s would not be detected", path)
+        return os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                log.warning("the file system of %s has no locks: a second run on it would not be detected", path)
+                return fd
             os.close(fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise

@@ -57,8 +57,8 @@ _OS_HINTS = {
 }
 
 
-_OS_CLASSES = ((FileNotFoundError, errno.ENOENT), (PermissionError, errno.EACCES), (NotADirectoryError, errno.ENOTDIR),
-               (IsADirectoryError, errno.EISDIR))
+_OS_CLASSES = ((FileNotFoundError, errno.ENOENT), (PermissionError, errno.EACCES),
+               (NotADirectoryError, errno.ENOTDIR), (IsADirectoryError, errno.EISDIR))
 
 
 def describe_failure(e: BaseException) -> str | None:
@@ -73,8 +73,8 @@ def describe_failure(e: BaseException) -> str | None:
         return ("the model needs to run code from its own repository, which is off by default; pass "
                 "--trust_remote_code if you trust that code")
     if isinstance(e, UnicodeDecodeError):
-        return (f"an input file is not valid UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start} of "
-                "a block); convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+        return (f"an input file is not valid UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it to UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)")
     if isinstance(e, OSError):
         # Some libraries (safetensors) raise FileNotFoundError & co. without errno: take it from the class.
         code = e.errno if e.errno is not None else next(

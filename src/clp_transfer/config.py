@@ -87,7 +87,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         if default is not None and default != [] and tp is not bool:
             help_text += f" (default: {default})"
         # argparse %-formats help strings: a literal % (e.g. "30%") must be doubled or --help crashes.
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text.replace("%", "%%")}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": help_text.replace("%", "%%")}
         origin = get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

@@ -238,7 +238,8 @@ def check_resume_settings(run_dir: Path, cfg: TrainConfig, pending: tuple[str, .
     if not saved.is_file():
         return
     old = load_yaml(saved)
-    changed = [k for k in RESUME_KEYS if k in old and k not in pending and not _same_setting(k, old[k], getattr(cfg, k))]
+    changed = [k for k in RESUME_KEYS
+               if k in old and k not in pending and not _same_setting(k, old[k], getattr(cfg, k))]
     if changed:
         diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ClpError(f"--resume with settings that change the run ({diffs}); resuming would not "
@@ -303,7 +304,8 @@ def last_good_checkpoint(run_dir: Path) -> str:
             continue
         loss = state.get("check_loss")
         if isinstance(loss, (int, float)) and math.isfinite(loss):
-            return f"the last good checkpoint is {ck} (finite weights, validation loss {loss:.4f})"
+            return (f"the last good checkpoint is {ck} (finite weights; loss {loss:.4f} on a fixed "
+                    f"{state.get('check_split', 'valid')} batch)")
     return "no checkpoint with finite weights and loss was written"
 
 
@@ -439,7 +441,7 @@ def evaluate_blocks(model: Any, shards: TokenShards, block_ids: np.ndarray, bloc
 
 def checkpoint_check_loss(model: Any, raw: Any, accelerator: Any, shards: TokenShards, block_ids: np.ndarray,
                           block: int, batch_size: int, step: int, run_dir: Path,
-                          recent_eval: dict[str, float] | None = None) -> float:
+                          recent_eval: dict[str, float] | None = None, split: str = "valid") -> float:
     """Validate the weights about to be checkpointed: every parameter finite, and a finite loss on a fixed
     batch (``recent_eval`` when an evaluation just ran at this step). Returns that loss; raises
     :class:`ClpError` - no checkpoint of a broken model is written - otherwise."""
@@ -449,7 +451,8 @@ def checkpoint_check_loss(model: Any, raw: Any, accelerator: Any, shards: TokenS
     if not bad:
         loss = (recent_eval or evaluate_blocks(model, shards, block_ids, block, batch_size, accelerator))["eval_loss"]
     if bad or not math.isfinite(loss):
-        what = f"{bad} weight tensors became non-finite" if bad else f"the validation loss became {loss}"
+        what = (f"{bad} weight tensors became non-finite" if bad
+                else f"the loss became {loss} on a fixed {split} batch")
         raise ClpError(f"{what} at step {step}; stopping before writing a checkpoint of a broken model; "
                        f"{last_good_checkpoint(run_dir)}. Lower --learning_rate/--embedding_learning_rate or "
                        "check the data")
@@ -474,8 +477,8 @@ def train(config: TrainConfig) -> TrainResult:
     its lock for the whole run: a second run on the same directory fails at once.
     """
     config.validate()
-    check_disjoint(config.output_dir, [config.model, config.data, config.model_config, config.tokenizer],  # type: ignore[arg-type]
-                   "--output_dir")
+    inputs = [config.model, config.data, config.model_config, config.tokenizer]
+    check_disjoint(config.output_dir, inputs, "--output_dir")  # type: ignore[arg-type]
     if int(os.environ.get("RANK", "0") or 0) != 0:  # other ranks of a torchrun/accelerate launch
         return _train(config)
     with output_lock(config.output_dir, "--output_dir"):  # type: ignore[arg-type]
@@ -583,7 +586,8 @@ def _train(config: TrainConfig) -> TrainResult:
         if is_main:
             tokens = samples_before(phases, step, world, accum) * block
             atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": tokens, "total_steps": total_steps,
-                                                           "check_loss": check_loss})
+                                                           "check_loss": check_loss,
+                                                           "check_split": "valid" if use_valid else "train"})
             problem = checkpoint_problem(tmp)
             if problem:
                 raise ClpError(f"the checkpoint just written is damaged ({problem}); is the disk full?")
@@ -671,7 +675,8 @@ def _train(config: TrainConfig) -> TrainResult:
             evaluated_now = eval_ids is not None and cfg.eval_steps and done % cfg.eval_steps == 0
             save_checkpoint(done, checkpoint_check_loss(model, raw, accelerator, check_shards, check_ids, block,
                                                         cfg.per_device_eval_batch_size, done, run_dir,
-                                                        last_eval if evaluated_now else None))
+                                                        last_eval if evaluated_now else None,
+                                                        "valid" if use_valid else "train"))
         if fault_step and done == fault_step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
