@@ -8,9 +8,14 @@ does not pay for importing the training stack.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
+import signal
 import sys
+import traceback
+from typing import Any
 
 from .errors import ClpError
 
@@ -29,6 +34,71 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 log = logging.getLogger("clp_transfer")
 
+DEBUG_ENV = "CLP_TRANSFER_DEBUG"  # =1: print the traceback of every error, as --debug does
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, SLURM, ``docker stop``), raised like Ctrl-C so that every cleanup runs."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+_OS_HINTS = {
+    errno.EACCES: "check the permissions, or choose another location",
+    errno.EPERM: "check the permissions, or choose another location",
+    errno.EROFS: "the file system is read-only; choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "a directory was given where a file is expected",
+    errno.ENOENT: "it does not exist (was it moved or deleted while the run was using it?)",
+    errno.ENOSPC: "the disk is full; free some space or choose another location",
+    errno.EDQUOT: "the disk quota is exceeded; free some space or choose another location",
+}
+
+
+_OS_CLASSES = ((FileNotFoundError, errno.ENOENT), (PermissionError, errno.EACCES),
+               (NotADirectoryError, errno.ENOTDIR), (IsADirectoryError, errno.EISDIR))
+
+
+def describe_failure(e: BaseException) -> str | None:
+    """One actionable line for an *expected* failure (user input or environment), or None for a real bug.
+
+    Covers OS errors (permissions, paths through files, files that vanished, full disks), text that is not
+    UTF-8, truncated or corrupt safetensors / torch zip / JSON files, and models that need their own code.
+    """
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    if "trust_remote_code" in text:
+        return ("the model needs to run code from its own repository, which is off by default; pass "
+                "--trust_remote_code if you trust that code")
+    if isinstance(e, UnicodeDecodeError):
+        return (f"an input file is not valid UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it to UTF-8 "
+                "(e.g. iconv -f latin1 -t utf-8)")
+    if isinstance(e, OSError):
+        # Some libraries (safetensors) raise FileNotFoundError & co. without errno: take it from the class.
+        code = e.errno if e.errno is not None else next(
+            (c for cls, c in _OS_CLASSES if isinstance(e, cls)), None)
+        where = " -> ".join(repr(str(f)) for f in (e.filename, e.filename2) if f is not None)
+        head = f"{e.strerror}" + (f": {where}" if where else "") if e.strerror else first
+        hint = _OS_HINTS.get(code, "") if code is not None else ""
+        return head + (f"; {hint}" if hint else "")
+    kind = type(e).__name__
+    module = type(e).__module__ or ""
+    if "safetensors" in module or kind == "SafetensorError":
+        return f"a .safetensors file is truncated or corrupt ({first}); restore or re-create it"
+    if kind in ("BadZipFile", "UnpicklingError", "EOFError") or "PytorchStreamReader" in text:
+        return f"a checkpoint file (torch zip/pickle) is truncated or corrupt ({first}); restore or re-create it"
+    if kind == "JSONDecodeError":
+        return f"a JSON file is corrupt or truncated ({first}); restore or re-create it"
+    if isinstance(e, MemoryError):
+        return "out of memory; use a smaller model, batch size or --num_proc"
+    return None
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
 
 def _top_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -36,6 +106,8 @@ def _top_parser() -> argparse.ArgumentParser:
         description="Move a language model to a new language: prepare -> transfer -> train -> evaluate.",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--debug", action="store_true",
+                   help=f"print the traceback of an error (also: {DEBUG_ENV}=1); for bug reports")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -51,11 +123,13 @@ def setup_logging(level: str = "INFO") -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
-    # Split "[--log-level L] COMMAND rest..." by hand so that only COMMAND's module is imported.
+    # Split "[--log-level L] [--debug] COMMAND rest..." by hand so that only COMMAND's module is imported.
     level = "INFO"
-    while argv and argv[0].startswith("--log-level"):
+    debug = _debug_requested(argv)
+    while argv and (argv[0].startswith("--log-level") or argv[0] == "--debug"):
         opt = argv.pop(0)
-        level = opt.split("=", 1)[1] if "=" in opt else argv.pop(0)
+        if opt.startswith("--log-level"):
+            level = opt.split("=", 1)[1] if "=" in opt else argv.pop(0)
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
         return 0 if argv else 2
@@ -66,17 +140,59 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(SUBCOMMANDS[command][0])
     parser = argparse.ArgumentParser(prog=f"clp-transfer {command}", description=SUBCOMMANDS[command][1])
     module.add_cli_arguments(parser)
+    parser.add_argument("--debug", action="store_true", dest="clp_debug",
+                        help=f"print the traceback of an error (also: {DEBUG_ENV}=1)")
     args = parser.parse_args(rest)
+    return run_command(command, module, args, debug or bool(getattr(args, "clp_debug", False)))
+
+
+def run_command(command: str, module: Any, args: argparse.Namespace, debug: bool = False) -> int:
+    """Run a subcommand; every expected failure becomes one line on stderr and a non-zero exit code.
+
+    SIGTERM is handled like Ctrl-C (the stages' cleanup runs). Tracebacks are printed only with ``--debug``
+    or ``CLP_TRANSFER_DEBUG=1``; an exception that is not an expected failure is a bug and keeps its traceback.
+    """
+    prefix = f"clp-transfer {command}"
+    previous = None
+    with_handler = hasattr(signal, "SIGTERM") and _in_main_thread()
+    if with_handler:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         code = module.cli_main(args)
     except ClpError as e:
-        log.debug("error details", exc_info=True)
-        print(f"clp-transfer {command}: error: {e}", file=sys.stderr)
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"clp-transfer {command}: interrupted; no partial output was left in place", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        if debug:
+            traceback.print_exc()
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        after = ("the checkpoints written so far are kept; continue with --resume" if command == "train"
+                 else "no partial output was left in place")
+        print(f"{prefix}: {what}; {after}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except Exception as e:
+        message = describe_failure(e)
+        if message is None:
+            raise  # a real bug: keep the traceback
+        if debug:
+            traceback.print_exc()
+        else:
+            log.debug("error details", exc_info=True)
+        print(f"{prefix}: error: {message}" + ("" if debug else " (run with --debug for details)"),
+              file=sys.stderr)
+        return 2
+    finally:
+        if with_handler:
+            signal.signal(signal.SIGTERM, previous)
     return int(code or 0)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -143,6 +143,8 @@ def read_results(path: str | Path, all_metrics: bool = False) -> tuple[str, dict
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ClpError(f"{str(p)!r} is not JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise ClpError(f"{str(p)!r} is not a UTF-8 text file, so not a result JSON of perplexity or evaluate") from None
     if not isinstance(data, dict):
         raise ClpError(f"{str(p)!r} is not a result file of perplexity or evaluate")
     metrics: dict[str, float] = {}
@@ -214,6 +216,10 @@ def compare(paths: Sequence[str | Path], labels: Sequence[str] | None = None, al
                 notes.setdefault(task, why)
             for h in hits:
                 r.unavailable[h] = why
+    if not columns:
+        why = "; ".join(f"{t}: {w}" for t, w in notes.items())
+        raise ClpError(f"the results hold no metric values ({', '.join(str(p) for p in paths)})"
+                       + (f"; unavailable: {why}" if why else "; did the run finish?"))
     if metrics:
         columns = [c for c in columns if any(c == m or fnmatch.fnmatchcase(c, m) for m in metrics)]
         if not columns:

@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -85,7 +86,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         help_text = docs.get(f.name, "")
         if default is not None and default != [] and tp is not bool:
             help_text += f" (default: {default})"
-        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        # argparse %-formats help strings: a literal % (e.g. "30%") must be doubled or --help crashes.
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                                  "help": help_text.replace("%", "%%")}
         origin = get_origin(tp)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -124,7 +127,12 @@ def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
     for key, value in values.items():
         tp, _ = _unwrap_optional(hints[key])
         if value is not None and tp is float and isinstance(value, (int, str)):
-            value = float(value)  # YAML reads 1e-3 as a string
+            try:
+                value = float(value)  # YAML reads 1e-3 as a string
+            except ValueError:
+                raise ClpError(f"{key} takes a number, not {value!r} (in {where})") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ClpError(f"--{key} must be a finite number, not {value}")
         coerced[key] = value
     return cls(**coerced)
 

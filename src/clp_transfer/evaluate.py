@@ -27,6 +27,7 @@ import fnmatch
 import glob
 import importlib.metadata
 import logging
+import math
 import os
 import shutil
 import sys
@@ -458,6 +459,7 @@ def evaluate(
     >>> r = evaluate(model, "de_ppl,de_cloze", tok, include_path="tasks_de")  # doctest: +SKIP
     >>> r.scores()["de_cloze"]["acc"], r.unavailable                           # doctest: +SKIP
     """
+    check_evaluate_numbers(limit=limit, batch_size=batch_size, max_length=max_length, num_fewshot=num_fewshot)
     _require_lm_eval()
     if offline:
         go_offline()
@@ -560,6 +562,19 @@ def _harness_model(model: Any, tokenizer: Any, batch_size: int, max_length: int 
     if max_length:
         kwargs["max_length"] = max_length
     return HFLM(pretrained=lm, tokenizer=tok, **kwargs), str(name)
+
+
+def check_evaluate_numbers(limit: float | None, batch_size: int, max_length: int | None,
+                           num_fewshot: int | None) -> None:
+    """Reject out-of-range numbers before any model or task is loaded."""
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise ClpError(f"--limit must be a positive number of examples (or a fraction in (0, 1)), not {limit}")
+    if batch_size < 1:
+        raise ClpError(f"--batch_size must be at least 1 (got {batch_size})")
+    if max_length is not None and max_length < 2:
+        raise ClpError(f"--max_length must be at least 2 tokens (got {max_length})")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ClpError(f"--num_fewshot must be >= 0 (got {num_fewshot})")
 
 
 def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:

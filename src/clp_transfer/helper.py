@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .atomic import atomic_directory, check_output_path
+from .atomic import atomic_directory, check_output_path, claim_output
 from .config import add_dataclass_arguments, build_config
 from .errors import ClpError
 
@@ -237,7 +237,16 @@ def _lr_factor(step: int, cfg: HelperConfig, total_steps: int | None, clock: _Cl
 
 
 def train_helper(config: HelperConfig) -> Path:
-    """Train tokenizer and model from ``config.text`` and save them into ``config.output_dir``."""
+    """Train tokenizer and model from ``config.text`` and save them into ``config.output_dir``.
+
+    The output is claimed for the whole run: refused when it overlaps the text files, locked against a
+    second run on it."""
+    _check(config)
+    with claim_output(config.output_dir, config.overwrite, list(config.text), "output directory"):
+        return _train_helper(config)
+
+
+def _train_helper(config: HelperConfig) -> Path:
     import torch
     from torch.optim.lr_scheduler import LambdaLR
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator

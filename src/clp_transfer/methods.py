@@ -511,7 +511,61 @@ def method_params(name: str, params: dict[str, Any] | None = None) -> dict[str, 
             known = ", ".join(spec.defaults) or "none"
             raise ClpError(f"method {name!r} has no parameter {k!r} (known: {known})")
         merged[k] = _coerce(v, spec.defaults[k], k)
+    for k, v in merged.items():
+        check_param(name, k, v)
     return merged
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    """Allowed numbers of a method parameter: ``low`` (< or <=) value (<=) ``high``; ``None`` = unbounded."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None and not self.low_open:
+            return f"lie in [{self.low:g}, {self.high:g}]"
+        parts = []
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        return "be " + " and ".join(parts)
+
+    def holds(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return self.high is None or v <= self.high
+
+
+# What every method's parameter of that name accepts (checked before any work). Numbers must also be finite.
+PARAM_RULES: dict[str, ParamRange | tuple[str, ...]] = {
+    "temperature": ParamRange(0, low_open=True),
+    "top_k": ParamRange(1),
+    "pieces_weight": ParamRange(0, 1),
+    "alpha": ParamRange(0, 1),
+    "calibrate": ParamRange(0),
+    "ridge": ParamRange(0),
+    "std": ParamRange(0, low_open=True),
+    "weighting": ("topk_softmax", "topk_uniform", "sparsemax"),
+    "init": ("small_init", "xavier_normal", "normal"),
+}
+
+
+def check_param(method: str, name: str, value: Any) -> None:
+    """Raise :class:`ClpError` for a parameter value that is not finite or outside :data:`PARAM_RULES`."""
+    rule = PARAM_RULES.get(name)
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ClpError(f"method {method!r}: {name} must be a finite number, not {value}")
+        if isinstance(rule, ParamRange) and not rule.holds(value):
+            raise ClpError(f"method {method!r}: {name} must {rule.describe()}, not {value:g}")
+    elif isinstance(rule, tuple) and value not in rule:
+        raise ClpError(f"method {method!r}: {name} must be one of {', '.join(rule)}, not {value!r}")
 
 
 def _coerce(value: Any, default: Any, name: str) -> Any:

@@ -158,7 +158,7 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike | Non
     plain.load_state_dict(loaded.state_dict(), strict=False)
     plain.tie_weights()
     del loaded
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, wait=True) as tmp:  # a shared cache: wait for another writer
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
@@ -176,7 +176,7 @@ def pickle_to_safetensors(model_dir: Path, trust_remote_code: bool = False) -> P
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, use_safetensors=False, trust_remote_code=trust_remote_code
     )
-    with atomic_directory(out, overwrite=True) as tmp:
+    with atomic_directory(out, overwrite=True, wait=True) as tmp:  # a shared cache: wait for another writer
         model.save_pretrained(tmp)
         with contextlib.suppress(Exception):
             AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code).save_pretrained(tmp)
@@ -184,6 +184,46 @@ def pickle_to_safetensors(model_dir: Path, trust_remote_code: bool = False) -> P
             if (model_dir / f).is_file() and not (tmp / f).is_file():
                 (tmp / f).write_bytes((model_dir / f).read_bytes())
     return out
+
+
+def remote_code_message(what: str, path: str | os.PathLike) -> str:
+    """The one line for a model or tokenizer that only loads with code from its own repository."""
+    return (f"{what} {str(path)!r} needs to run code from its own repository (custom architecture or "
+            "tokenizer); pass --trust_remote_code if you trust that code")
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """Why a .safetensors file is unusable (truncated, corrupt header), or None when its structure is sound.
+
+    Reads only the header: the file must be exactly 8 + header length + the end of the last tensor's data.
+    """
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                return f"truncated: the header claims {n} bytes but the file has {size}"
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError):
+        return "the header is not valid JSON (corrupt file)"
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    if size > expected:
+        return f"{size - expected} unexpected trailing bytes (corrupt file)"
+    return None
+
+
+def check_safetensors(path: str | os.PathLike, what: str = "weights file") -> None:
+    """Raise :class:`ClpError` naming ``path`` when :func:`safetensors_problem` finds one."""
+    problem = safetensors_problem(path)
+    if problem:
+        raise ClpError(f"{what} {str(path)!r} is unusable ({problem}); restore or re-create it")
 
 
 class SafetensorsCheckpoint:
@@ -195,15 +235,23 @@ class SafetensorsCheckpoint:
         self._safe_open = safe_open
         self.path = Path(path)
         if (self.path / WEIGHTS_INDEX).is_file():
-            index = json.loads((self.path / WEIGHTS_INDEX).read_text())
+            try:
+                index = json.loads((self.path / WEIGHTS_INDEX).read_text())
+            except ValueError as e:
+                raise ClpError(f"{str(self.path / WEIGHTS_INDEX)!r} is not valid JSON ({e}); restore it") from None
             self.weight_map: dict[str, str] = index["weight_map"]
             self.metadata = index.get("metadata", {})
         elif (self.path / WEIGHTS).is_file():
+            check_safetensors(self.path / WEIGHTS)
             with safe_open(self.path / WEIGHTS, "pt") as f:
                 self.weight_map = {k: WEIGHTS for k in f.keys()}
             self.metadata = {}
         else:
             raise ClpError(f"no safetensors weights in {str(self.path)!r}")
+        for file in self.files:  # fail before any work on a truncated or corrupt shard (headers only)
+            if not (self.path / file).is_file():
+                raise ClpError(f"weights file {str(self.path / file)!r} listed in the index is missing")
+            check_safetensors(self.path / file)
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -318,4 +366,6 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, wha
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise ClpError(remote_code_message(what, path)) from e
         raise ClpError(f"cannot load a tokenizer for {what} from {str(path)!r}: {type(e).__name__}: {e}") from e

@@ -585,6 +585,14 @@ def read_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[
     """
     p = Path(path)
     is_jsonl = ".jsonl" in p.suffixes or ".json" in p.suffixes
+    try:
+        yield from _documents(p, is_jsonl, text_key)
+    except UnicodeDecodeError as e:
+        raise ClpError(f"{str(p)!r} is not valid UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it to "
+                       "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _documents(p: Path, is_jsonl: bool, text_key: str) -> Iterator[str]:
     with _open_text(p) as f:
         for lineno, line in enumerate(f, 1):
             if is_jsonl:

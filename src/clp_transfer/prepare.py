@@ -39,9 +39,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,7 +47,7 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from . import __version__
-from .atomic import atomic_directory, check_output_path
+from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
 from .config import add_dataclass_arguments, build_config, load_yaml
 from .errors import ClpError
 from .prepare_sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
@@ -62,7 +60,6 @@ MB = 2**20
 SPLITS = ("train", "valid")
 STATS_NAME = "stats.json"
 STATS_FORMAT = "clp-transfer-prepare"
-OWNER_NAME = ".prepare-owner.json"
 CHUNK_BYTES = 1 << 20
 SPLIT_RULE = (
     "documents in source order; a document belongs to the split in which its first byte falls on the axis of "
@@ -230,7 +227,7 @@ class _ChunkRunner:
             self.max_in_flight = 2 * num_proc + 1
             self.executor = ProcessPoolExecutor(
                 max_workers=num_proc, mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_worker, initargs=(spec,),
+                initializer=init_worker, initargs=(spec, os.getpid()),
             )
             return
         from .prepare_tokenize import Encoder, use_rust_threads
@@ -293,35 +290,6 @@ class _ChunkRunner:
                 p.terminate()
 
 
-# ------------------------------------------------------------------------------------------- output safety
-def _pid_alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _clean_stale_temporaries(final: Path) -> None:
-    """Remove temporary outputs of interrupted runs (their owner process is gone); refuse a concurrent run."""
-    if not final.parent.is_dir():
-        return
-    for d in final.parent.glob(f".{final.name}.tmp-*"):
-        try:
-            owner = json.loads((d / OWNER_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue  # not ours, or being created right now
-        if owner.get("host") != socket.gethostname():
-            continue
-        if _pid_alive(owner.get("pid")):
-            raise ClpError(f"another prepare run (pid {owner.get('pid')}) is writing {str(final)!r} right now; "
-                           "wait for it or stop it first")
-        log.info("removing %s, left behind by an interrupted run (pid %s)", d, owner.get("pid"))
-        shutil.rmtree(d, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------------------------- the run
 def _validate(cfg: PrepareConfig) -> None:
     if bool(cfg.dataset_name) == bool(cfg.files):
@@ -363,10 +331,18 @@ def default_num_proc() -> int:
 
 
 def run_prepare(cfg: PrepareConfig) -> PrepareResult:
-    """Run the whole stage from a config; see the module docstring."""
+    """Run the whole stage from a config; see the module docstring.
+
+    The output is claimed first: refused when it exists (without --overwrite) or overlaps an input, and
+    locked, so a second run on it fails at once and temporaries of killed runs are removed.
+    """
     _validate(cfg)
+    with claim_output(cfg.output_dir, cfg.overwrite, [*(cfg.files or []), cfg.tokenizer], "output directory"):
+        return _run_prepare(cfg)
+
+
+def _run_prepare(cfg: PrepareConfig) -> PrepareResult:
     out = check_output_path(cfg.output_dir, cfg.overwrite, "output directory")
-    _clean_stale_temporaries(out.absolute())
     valid_mb = cfg.subsample_size_mb / 10 if cfg.valid_size_mb is None else cfg.valid_size_mb
     n_train = int(round(cfg.subsample_size_mb * MB))
     n_total = n_train + int(round(valid_mb * MB))
@@ -375,6 +351,7 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
     source: FileSource | HubSource
     if cfg.files:
         source = FileSource(resolve_files(list(cfg.files)), cfg.text_column, cfg.txt_format)
+        check_disjoint(out, source.files, "output directory")  # what directories and globs expanded to
         source_info: dict[str, Any] = {
             "type": "files", "files": [str(f) for f in source.files], "txt_format": cfg.txt_format,
             "text_column": cfg.text_column,
@@ -391,8 +368,6 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
 
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
-        (tmp / OWNER_NAME).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}),
-                                      encoding="utf-8")
         stats = _write_splits(cfg, source, tok, tmp, n_train, n_total, num_proc)
         elapsed = time.perf_counter() - t0
         total_bytes = sum(s["bytes"] for s in stats["splits"].values())
@@ -423,7 +398,6 @@ def run_prepare(cfg: PrepareConfig) -> PrepareResult:
             },
         }
         (tmp / STATS_NAME).write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        (tmp / OWNER_NAME).unlink()
     return PrepareResult(path=out, stats=stats)
 
 

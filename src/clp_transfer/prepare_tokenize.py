@@ -34,6 +34,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
@@ -429,9 +430,45 @@ def use_rust_threads(n: int) -> None:
 _ENCODER: Encoder | None = None
 
 
-def init_worker(spec: EncoderSpec) -> None:
-    """Pool initializer: one single-threaded encoder per process; Ctrl-C is left to the parent."""
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): a signal the kernel sends when the parent dies
+
+
+def die_with_parent(parent_pid: int | None) -> None:
+    """Make this worker process exit when its parent dies, even by SIGKILL (no cleanup runs there).
+
+    On Linux the kernel delivers SIGKILL to the worker (``prctl(PR_SET_PDEATHSIG)``); the parent-pid check
+    afterwards covers a parent that died before the call. Elsewhere a daemon thread polls the parent pid.
+    """
+    if parent_pid is None:
+        return
+    armed = False
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            armed = libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
+        except (OSError, AttributeError):
+            armed = False
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the parent is already gone
+    if not armed:
+        import threading
+        import time
+
+        def watch() -> None:
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="clp-parent-watch", daemon=True).start()
+
+
+def init_worker(spec: EncoderSpec, parent_pid: int | None = None) -> None:
+    """Pool initializer: one single-threaded encoder per process; Ctrl-C is left to the parent, and the
+    worker dies with its parent (``parent_pid``, see :func:`die_with_parent`)."""
     global _ENCODER
+    die_with_parent(parent_pid)
     # One process per core: no rayon thread pool inside workers (set before the first encode builds it).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"

@@ -360,7 +360,7 @@ def run_make_tasks(cfg: MakeTasksConfig) -> TaskFolder:
     final = Path(cfg.output_dir).resolve()
     tag = cfg.prefix
     manifest: dict[str, dict[str, Any]] = {}
-    with atomic_directory(final, cfg.overwrite) as tmp:
+    with atomic_directory(final, cfg.overwrite, inputs=[*cfg.text, cfg.pairs]) as tmp:
         name = f"{cfg.prefix}_ppl"
         n = _write_jsonl(tmp / f"{name}.test.jsonl", ppl_docs)
         _write_yaml(tmp / f"{name}.yaml", ppl_task_yaml(name, tag, final))

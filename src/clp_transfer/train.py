@@ -41,7 +41,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_directory, atomic_write_json, atomic_write_text
+from .atomic import atomic_directory, atomic_write_json, atomic_write_text, check_disjoint, output_lock
 from .config import add_dataclass_arguments, build_config, load_yaml, to_yaml
 from .errors import ClpError
 from .eval_loading import context_length
@@ -243,26 +243,110 @@ def _checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 def prepare_run_dir(cfg: TrainConfig, is_main: bool) -> Path | None:
     """Check --output_dir against --resume/--overwrite; returns the checkpoint to resume from (or None)."""
     run_dir = Path(cfg.output_dir)  # type: ignore[arg-type]
+    if is_main and (run_dir / "checkpoints").is_dir():
+        for stale in (run_dir / "checkpoints").glob(".step-*.tmp"):  # a checkpoint a killed run was writing
+            log.warning("removing %s, left behind by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
     occupied = run_dir.exists() and any(run_dir.iterdir())
     if occupied and not (cfg.resume or cfg.overwrite):
         what = "another run" if (run_dir / "run_config.yaml").is_file() else "files"
         raise ClpError(f"--output_dir {str(run_dir)!r} holds {what}; pass --resume to continue it or --overwrite "
                        "to replace it (nothing was changed)")
     if cfg.resume and occupied:
-        saved = run_dir / "run_config.yaml"
-        if saved.is_file():
-            old = load_yaml(saved)
-            changed = [k for k in RESUME_KEYS if k in old and old[k] != getattr(cfg, k)]
-            if changed:
-                diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
-                raise ClpError(f"--resume with settings that change the run ({diffs}); resuming would not "
-                               "continue the same training. Use the original settings or a new --output_dir")
+        # block_size None is resolved from the data and the model later; it is compared once resolved.
+        check_resume_settings(run_dir, cfg, pending=("block_size",) if cfg.block_size is None else ())
         ckpts = _checkpoints(run_dir)
         if ckpts:
             return ckpts[-1][1]
         log.warning("--resume: no complete checkpoint in %s, starting from step 0", run_dir)
         return None
     return None
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    if old == new:
+        return True
+    if key in ("model", "data", "model_config") and isinstance(old, str) and isinstance(new, str):
+        return os.path.realpath(old) == os.path.realpath(new)  # ./m and /abs/m are one model
+    return False
+
+
+def check_resume_settings(run_dir: Path, cfg: TrainConfig, pending: tuple[str, ...] = ()) -> None:
+    """--resume: refuse settings that differ from the saved (resolved) run_config.yaml, except ``pending``
+    ones that are not resolved yet."""
+    saved = run_dir / "run_config.yaml"
+    if not saved.is_file():
+        return
+    old = load_yaml(saved)
+    changed = [k for k in RESUME_KEYS
+               if k in old and k not in pending and not _same_setting(k, old[k], getattr(cfg, k))]
+    if changed:
+        diffs = ", ".join(f"{k}: {old[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ClpError(f"--resume with settings that change the run ({diffs}); resuming would not "
+                       "continue the same training. Use the original settings or a new --output_dir")
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why checkpoint directory ``ckpt`` cannot be resumed from (a truncated or corrupt file), or None.
+
+    Cheap structural checks only: safetensors headers against the file size, torch zip archives' central
+    directory (lost when a file is cut short), trainer_state.json.
+    """
+    import zipfile
+
+    from .modeling import safetensors_problem
+
+    for f in sorted(ckpt.iterdir()):
+        why = None
+        if f.suffix == ".safetensors":
+            why = safetensors_problem(f)
+        elif f.suffix in (".bin", ".pt", ".pth") and not zipfile.is_zipfile(f):
+            why = "not a complete torch archive (truncated?)"
+        if why:
+            return f"{f}: {why}"
+    try:
+        int(json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{ckpt / 'trainer_state.json'}: unreadable"
+    return None
+
+
+def load_checkpoint(accelerator: Any, run_dir: Path, latest: Path) -> tuple[Path, int]:
+    """Restore the training state from ``latest``, or from the newest earlier checkpoint that is intact.
+
+    A damaged checkpoint (e.g. a file cut short by a full disk) is skipped with a warning naming the file;
+    when none is usable the error names every damaged file. Returns (checkpoint, its step).
+    """
+    damaged = []
+    latest_step = int(CHECKPOINT_RE.match(latest.name).group(1))  # type: ignore[union-attr]
+    for _, ck in reversed([c for c in _checkpoints(run_dir) if c[0] <= latest_step]):
+        why = checkpoint_problem(ck)
+        if why is None:
+            try:
+                accelerator.load_state(str(ck))
+            except Exception as e:  # a corrupt file the structural check missed; the next one overwrites all
+                why = f"{ck}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+        if why is None:
+            state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
+            return ck, int(state["step"])
+        log.warning("--resume: checkpoint %s is damaged (%s); falling back to the previous one", ck.name, why)
+        damaged.append(why)
+    raise ClpError(f"--resume: no intact checkpoint in {str(run_dir / 'checkpoints')!r} ({'; '.join(damaged)}); "
+                   "restore the file(s), delete the damaged checkpoint to start from step 0, or use --overwrite")
+
+
+def last_good_checkpoint(run_dir: Path) -> str:
+    """The NaN stop's pointer: the newest checkpoint whose recorded check loss is finite."""
+    for _, ck in reversed(_checkpoints(run_dir)):
+        try:
+            state = json.loads((ck / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        loss = state.get("check_loss")
+        if isinstance(loss, (int, float)) and math.isfinite(loss):
+            return (f"the last good checkpoint is {ck} (finite weights; loss {loss:.4f} on a fixed "
+                    f"{state.get('check_split', 'valid')} batch)")
+    return "no checkpoint with finite weights and loss was written"
 
 
 def clear_run_dir(run_dir: Path) -> None:
@@ -395,6 +479,26 @@ def evaluate_blocks(model: Any, shards: TokenShards, block_ids: np.ndarray, bloc
     }
 
 
+def checkpoint_check_loss(model: Any, raw: Any, accelerator: Any, shards: TokenShards, block_ids: np.ndarray,
+                          block: int, batch_size: int, step: int, run_dir: Path,
+                          recent_eval: dict[str, float] | None = None, split: str = "valid") -> float:
+    """Validate the weights about to be checkpointed: every parameter finite, and a finite loss on a fixed
+    batch (``recent_eval`` when an evaluation just ran at this step). Returns that loss; raises
+    :class:`ClpError` - no checkpoint of a broken model is written - otherwise."""
+    bad = sum(int(not bool(torch.isfinite(p).all())) for p in raw.parameters())
+    bad = int(accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item())
+    loss = float("nan")
+    if not bad:
+        loss = (recent_eval or evaluate_blocks(model, shards, block_ids, block, batch_size, accelerator))["eval_loss"]
+    if bad or not math.isfinite(loss):
+        what = (f"{bad} weight tensors became non-finite" if bad
+                else f"the loss became {loss} on a fixed {split} batch")
+        raise ClpError(f"{what} at step {step}; stopping before writing a checkpoint of a broken model; "
+                       f"{last_good_checkpoint(run_dir)}. Lower --learning_rate/--embedding_learning_rate or "
+                       "check the data")
+    return float(loss)
+
+
 # --------------------------------------------------------------------------------------------- the loop
 
 
@@ -409,10 +513,23 @@ def _total_steps(cfg: TrainConfig, world: int) -> int:
 def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, float]] | None = None) -> TrainResult:
     """Run (or resume) continued pretraining; see the module docstring for what is written where.
 
+    --output_dir must not be or contain an input (--overwrite would delete it), and the main process holds
+    its lock for the whole run: a second run on the same directory fails at once.
+
     ``eval_callback(model, step)`` (Python API only) runs at every evaluation step after the built-in
     evaluation, on every process, with the unwrapped model in eval mode; the numbers it returns are added to
     that step's evaluation record (e.g. exact bits per byte on held-out documents).
     """
+    config.validate()
+    inputs = [config.model, config.data, config.model_config, config.tokenizer]
+    check_disjoint(config.output_dir, inputs, "--output_dir")  # type: ignore[arg-type]
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # other ranks of a torchrun/accelerate launch
+        return _train(config, eval_callback)
+    with output_lock(config.output_dir, "--output_dir"):  # type: ignore[arg-type]
+        return _train(config, eval_callback)
+
+
+def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, float]] | None = None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -449,6 +566,8 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
     if cfg.block_size is None:
         cfg.block_size = min(x for x in (train_shards.index.block_size or 1024, ctx or 10**9))
     block = int(cfg.block_size)
+    if resume_from is not None or (cfg.resume and (run_dir / "run_config.yaml").is_file()):
+        check_resume_settings(run_dir, cfg)  # now with block_size resolved, as run_config.yaml has it
     check_data(model, tokenizer, train_shards, valid_shards, block)
     if cfg.overwrite and is_main:
         clear_run_dir(run_dir)
@@ -479,9 +598,7 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
 
     start_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        state = json.loads((resume_from / "trainer_state.json").read_text(encoding="utf-8"))
-        start_step = int(state["step"])
+        resume_from, start_step = load_checkpoint(accelerator, run_dir, resume_from)
         log.info("resumed from %s (step %d)", resume_from, start_step)
     if is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -503,7 +620,13 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
                  block, accelerator.device, mp)
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
 
-    def save_checkpoint(step: int) -> None:
+    # The fixed batch every checkpoint is checked on before it is written (validation blocks when there are).
+    use_valid = eval_ids is not None and len(eval_ids) > 0
+    check_shards = valid_shards if use_valid else train_shards
+    check_ids = (eval_ids if use_valid else np.arange(train_shards.num_blocks(block)))[  # type: ignore[index]
+        : cfg.per_device_eval_batch_size]
+
+    def save_checkpoint(step: int, check_loss: float) -> None:
         ck_dir = run_dir / "checkpoints"
         tmp = ck_dir / f".step-{step:06d}.tmp"
         if is_main and tmp.exists():
@@ -513,7 +636,12 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
         accelerator.wait_for_everyone()
         if is_main:
             tokens = samples_before(phases, step, world, accum) * block
-            atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": tokens, "total_steps": total_steps})
+            atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": tokens, "total_steps": total_steps,
+                                                           "check_loss": check_loss,
+                                                           "check_split": "valid" if use_valid else "train"})
+            problem = checkpoint_problem(tmp)
+            if problem:
+                raise ClpError(f"the checkpoint just written is damaged ({problem}); is the disk full?")
             final = ck_dir / f"step-{step:06d}"
             if final.exists():
                 shutil.rmtree(final)
@@ -589,8 +717,7 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
                 record["grad_norm"] = float(grad_norm)
             t_log, tokens_at_log = now, tokens
             if not math.isfinite(mean_loss):
-                ck = _checkpoints(run_dir)
-                where = f"the last good checkpoint is {ck[-1][1]}" if ck else "no checkpoint was written yet"
+                where = last_good_checkpoint(run_dir)
                 raise ClpError(f"the training loss became {mean_loss} at step {done} (phase {phase.name}); "
                                f"stopping; {where}. Lower --learning_rate/--embedding_learning_rate or check the data")
             if runlog is not None:
@@ -609,8 +736,12 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
         if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
             if loss_count and not math.isfinite(float(loss_sum)):
                 raise ClpError(f"the training loss became {float(loss_sum)} before step {done}; stopping before "
-                               "writing a checkpoint of a broken model")
-            save_checkpoint(done)
+                               f"writing a checkpoint of a broken model; {last_good_checkpoint(run_dir)}")
+            evaluated_now = eval_ids is not None and cfg.eval_steps and done % cfg.eval_steps == 0
+            save_checkpoint(done, checkpoint_check_loss(model, raw, accelerator, check_shards, check_ids, block,
+                                                        cfg.per_device_eval_batch_size, done, run_dir,
+                                                        last_eval if evaluated_now else None,
+                                                        "valid" if use_valid else "train"))
         if fault_step and done == fault_step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()

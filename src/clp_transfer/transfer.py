@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .atomic import atomic_directory, check_output_path
+from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
 from .config import add_dataclass_arguments, build_config
 from .errors import ClpError
 from .methods import METHODS, EmbeddingProblem, EmbeddingSolution, compute_target_embeddings
@@ -269,7 +269,32 @@ def transfer(
     return run_transfer(cfg)
 
 
+def validate_transfer_config(cfg: TransferConfig) -> None:
+    """Reject bad flags and method parameters before any work (ranges, finiteness, unknown names)."""
+    from .methods import method_params
+
+    METHODS.get(cfg.method)  # unknown method: "did you mean"
+    method_params(cfg.method, parse_params(cfg.params))
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
+        raise ClpError(f"--pad_to_multiple_of must be a positive number of rows (got {cfg.pad_to_multiple_of})")
+    for name in ("calibration_tokens", "calibration_count_bytes"):
+        if getattr(cfg, name) < 1:
+            raise ClpError(f"--{name} must be positive (got {getattr(cfg, name)})")
+    if cfg.calibration_text is not None and not Path(cfg.calibration_text).is_file():
+        raise ClpError(f"--calibration_text {cfg.calibration_text!r} does not exist; give a .txt or .jsonl file "
+                       "of target text")
+
+
 def run_transfer(cfg: TransferConfig) -> TransferResult:
+    """Check the flags, claim the output (refused when it overlaps an input; locked against a second run),
+    then build the target model; see the module docstring."""
+    validate_transfer_config(cfg)
+    inputs = [cfg.source, cfg.helper, cfg.helper_tokenizer, cfg.calibration_text]
+    with claim_output(cfg.output, cfg.overwrite, inputs):
+        return _run_transfer(cfg)
+
+
+def _run_transfer(cfg: TransferConfig) -> TransferResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     METHODS.get(cfg.method)  # unknown method: fail before any work
@@ -281,8 +306,7 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
 
     src = resolve_model(cfg.source, "source model", cfg.allow_pickle, cfg.trust_remote_code)
     hlp = resolve_model(cfg.helper, "helper model", cfg.allow_pickle, cfg.trust_remote_code)
-    if Path(cfg.output).resolve() in (src.path.resolve(), hlp.path.resolve()):
-        raise ClpError("the output directory must differ from the source and helper directories")
+    check_disjoint(cfg.output, [src.path, hlp.path])  # what hub ids and .gguf files resolved to
     src_tok = load_tokenizer(src.path, cfg.trust_remote_code, "source model")
     tgt_tok = load_tokenizer(cfg.helper_tokenizer or hlp.path, cfg.trust_remote_code, "helper model")
     timings["resolve_s"] = time.perf_counter() - t0
@@ -384,7 +408,7 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
         report["pieces"] = {"no_pieces": sum(1 for i in match.missing_ids if not pieces[i])}
 
     t = time.perf_counter()
-    with atomic_directory(out_path, overwrite=cfg.overwrite) as tmp:
+    with atomic_directory(out_path, overwrite=cfg.overwrite, inputs=[src.path, hlp.path]) as tmp:
         _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows)
         _write_config(tmp, src.path, rows, target_vocab.roles)
         # The target model has the source's context, not the helper's: without this, a helper trained on short
