@@ -189,7 +189,7 @@ def transfer_card(directory: Path, source_dir: str | Path | None = None,
     body = f"""
 # {name}
 
-A causal language model{' for ' + ', '.join(language) if language else ''} made with
+A causal language model{' (language: ' + ', '.join(language) + ')' if language else ''}, made with
 clp-transfer's `transfer` by **cross-lingual vocabulary transfer** (CLP-Transfer, Ostendorff &
 Rehm 2023): the transformer body of the source model `{src['origin']}` with the vocabulary of the helper model
 `{hlp['tokenizer']}`. Tokens both vocabularies share keep their source embeddings; each new token's embedding
@@ -293,7 +293,7 @@ def train_card(final_dir: Path, run_dir: Path) -> str:
     body = f"""
 # {name}
 
-A causal language model{' for ' + ', '.join(inherited.language) if inherited.language else ''}, trained
+A causal language model{' (language: ' + ', '.join(inherited.language) + ')' if inherited.language else ''}, trained
 with clp-transfer's `train`{': ' if scratch else ' (continued pretraining) from '}{origin}.
 
 ## Training
@@ -340,7 +340,7 @@ def helper_card(directory: Path) -> str:
     body = f"""
 # {name}
 
-A small causal language model{' for ' + ', '.join(language) if language else ''}, trained from scratch with
+A small causal language model{' (language: ' + ', '.join(language) + ')' if language else ''}, trained from scratch with
 clp-transfer's `helper` to serve as the **helper** of a cross-lingual transfer (`clp-transfer transfer
 --helper {name}`): its tokenizer becomes the target vocabulary and its embeddings measure the similarity
 of target tokens. It is not meant to be used as a language model on its own.
