@@ -125,3 +125,15 @@ def test_train_from_scratch_card_claims_no_base_model_or_license(chain):
     card = _card(run.final_dir)
     assert card.data.base_model is None and card.data.license is None and card.data.language == ["de"]
     assert "**trained from scratch**" in card.text and "License: not recorded" in card.text
+
+
+def test_training_data_from_the_hub_goes_into_the_metadata(tmp_path):
+    from clp_transfer.model_card import _data_description
+
+    stats = {"source": {"type": "hub", "dataset_name": "oscar", "dataset_config_name": "unshuffled_deduplicated_de",
+                        "revision": "refs/convert/parquet"},
+             "splits": {"train": {"bytes": 4096 * 2**20, "tokens": 123}}}
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    line, datasets = _data_description(str(tmp_path))
+    assert datasets == ["oscar"] and "config `unshuffled_deduplicated_de`" in line
+    assert "parquet conversion `refs/convert/parquet`" in line and "4,096.0 MB" in line

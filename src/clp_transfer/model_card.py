@@ -152,7 +152,7 @@ def _loading(name: str) -> str:
 def _license_note(license: str | None, whence: str, allowed_by: str = "the source's terms") -> str:
     if license:
         return f"License: `{license}`, {whence}."
-    return (f"License: not recorded ({whence} names none), so the metadata has no `license`; "
+    return (f"License: not recorded ({whence}), so the metadata has no `license`; "
             f"set one that {allowed_by} allow before publishing.")
 
 
@@ -218,7 +218,7 @@ Bits per byte: not measured by `transfer`. Measure them on held-out target-langu
 ## License and language
 
 {_license_note(source.license, f"the license of the source `{src['origin']}`, whose weights this model keeps"
-               if source.license else f"the source `{src['origin']}`")}{f" The helper's license: `{helper.license}`." if helper.license else ''}
+               if source.license else f"the source `{src['origin']}` names none in its card or GGUF metadata")}{f" The helper's license: `{helper.license}`." if helper.license else ''}
 {_language_note(language)}
 {_loading(name)}"""
     tags = [TAG, "cross-lingual-transfer", "clp", f"transfer-method-{r['method']}"]
@@ -320,7 +320,8 @@ Full record: `train_config.yaml` here, `results.json` and `logs/train_log.jsonl`
 ## License and language
 
 {_license_note(inherited.license, f"inherited from the card of `{start}`" if inherited.license else
-               "a model trained from scratch" if scratch else f"the card of `{start}`")}
+               "trained from scratch: only the architecture came from there" if scratch else
+               f"the card of `{start}` names none" if local else f"the card of the hub model `{start}` was not read")}
 The training data's own terms may apply as well.
 {_language_note(inherited.language)}
 {_loading(name + '/final')}"""
