@@ -84,7 +84,8 @@ class PrepareConfig:
     (default: a tenth of --subsample_size_mb)."""
     dataset_name: str | None = None
     """Dataset on the Hugging Face Hub (or a local dataset directory), streamed with datasets: nothing is
-    downloaded in full. Needs network access for hub names."""
+    downloaded in full. Needs network access for hub names. A script dataset (which datasets >= 3 refuses) is
+    read from the hub's parquet conversion (revision refs/convert/parquet)."""
     dataset_config_name: str | None = None
     """Configuration of --dataset_name, e.g. unshuffled_deduplicated_de."""
     dataset_split: str = "train"
