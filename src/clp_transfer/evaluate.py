@@ -7,8 +7,9 @@ What the wrapper adds to the harness:
 - **presets**: ``german-2025`` is the German tasks upstream lm-eval 0.4.x ships (ARC, HellaSwag, MMLU,
   Global-MMLU, TruthfulQA, Belebele, XNLI, PAWS-X, LAMBADA; see :data:`GERMAN_2025_PRESET`), the choice with
   network access; ``german`` is the study project's 2019 OpenGPT-X list, mapped to the names the installed
-  lm-eval provides (see :data:`GERMAN_PRESET`), most of which upstream lm-eval does not ship. A preset task that is not available (not in this lm-eval, or its
-  dataset cannot be fetched offline) is skipped with the reason, and never reported as a score;
+  lm-eval provides (see :data:`GERMAN_PRESET`), most of which upstream lm-eval does not ship. A preset task
+  that is not available (not in this lm-eval, or its dataset cannot be fetched offline) is skipped with the
+  reason, and never reported as a score;
 - **local tasks**: ``include_path`` directories are mirrored into a temporary directory in which relative
   ``dataset_kwargs.data_files`` (and relative local ``dataset_path`` directories) are made absolute,
   resolved against the YAML file's directory first and the current directory second (lm-eval itself

@@ -156,11 +156,20 @@ def _license_note(license: str | None, whence: str, allowed_by: str = "the sourc
             f"set one that {allowed_by} allow before publishing.")
 
 
-def _language_note(language: list[str]) -> str:
+def _language_note(language: list[str], how: str = "the helper's card names none") -> str:
     if language:
         return ""
-    return ("\nLanguage: not recorded (the helper's card names none), so the metadata has no `language`; "
-            "add it (e.g. `language: [de]`) before publishing.\n")
+    return (f"\nLanguage: not recorded ({how}), so the metadata has no `language`; add it (e.g. `language: [de]`) "
+            "before publishing.\n")
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    """A two-column markdown table without a header text."""
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _for_language(language: list[str]) -> str:
+    return f" (language: {', '.join(language)})" if language else ""
 
 
 # ------------------------------------------------------------------------------------------------ the cards
@@ -168,6 +177,28 @@ def _language_note(language: list[str]) -> str:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def _transfer_rows(r: dict[str, Any]) -> list[tuple[str, str]]:
+    src, hlp, m, tgt = r["source"], r["helper"], r["matching"], r["target"]
+    rules = ", ".join(f"{k}: {_fmt(v)}" for k, v in m.items() if k not in ("shared", "missing") and v)
+    params = ", ".join(f"`{k}={v}`" for k, v in sorted(r.get("params", {}).items())) or "defaults"
+    head = "tied to the input embeddings" if tgt["tied"] else (
+        "untied; its rows transferred by token with the same weights as the input side"
+        if r.get("transfer_untied_head", True) else "untied, left in source positions (ablation)")
+    matching = "canonical (bytes + word start)" if r.get("canonical_matching", True) else "exact strings"
+    return [
+        ("source", f"`{src['origin']}` ({src['kind']}; {_fmt(src['vocab_size'])} tokens, "
+                   f"{src['tokenizer_style']} tokenizer)"),
+        ("helper", f"`{hlp['origin']}` (its {hlp['tokenizer_style']} tokenizer is this model's tokenizer)"),
+        ("method", f"`{r['method']}`, parameters {params}, seed {r.get('seed')}"),
+        ("vocabulary", f"{_fmt(tgt['vocab_size'])} tokens: **{_fmt(m['shared'])} shared** with the source (rows "
+                       f"copied), **{_fmt(m['missing'])} new** (rows from `{r['method']}`)"),
+        ("matching", f"{matching}; {rules}"),
+        ("calibration text", f"`{r['calibration_text']}`" if r.get("calibration_text") else "none"),
+        ("embeddings", f"{_fmt(tgt['embedding_rows'])} rows ({tgt['dtype']}); output head {head}"),
+        ("tool", f"clp-transfer {r.get('clp_transfer_version', '?')}; full record in `transfer_report.json`"),
+    ]
 
 
 def transfer_card(directory: Path, source_dir: str | Path | None = None,
@@ -178,37 +209,23 @@ def transfer_card(directory: Path, source_dir: str | Path | None = None,
     source = provenance(source_dir, src["origin"])
     helper = provenance(helper_dir, hlp["origin"])
     language = helper.language
-    m, tgt = r["matching"], r["target"]
-    rules = ", ".join(f"{k}: {_fmt(v)}" for k, v in m.items() if k not in ("shared", "missing") and v)
-    params = ", ".join(f"`{k}={v}`" for k, v in sorted(r.get("params", {}).items())) or "defaults"
     name = final_name(directory)
-    head = "tied to the input embeddings" if tgt["tied"] else (
-        "untied; its rows transferred by token with the same weights as the input side"
-        if r.get("transfer_untied_head", True) else "untied, left in source positions (ablation)")
-    calib = f"`{r['calibration_text']}`" if r.get("calibration_text") else "none (no output calibration)"
+    whence = (f"the license of the source `{src['origin']}`, whose weights this model keeps" if source.license
+              else f"the source `{src['origin']}` names none in its card or GGUF metadata")
+    helper_license = f" The helper's license: `{helper.license}`." if helper.license else ""
     body = f"""
 # {name}
 
-A causal language model{' (language: ' + ', '.join(language) + ')' if language else ''}, made with
-clp-transfer's `transfer` by **cross-lingual vocabulary transfer** (CLP-Transfer, Ostendorff &
-Rehm 2023): the transformer body of the source model `{src['origin']}` with the vocabulary of the helper model
-`{hlp['tokenizer']}`. Tokens both vocabularies share keep their source embeddings; each new token's embedding
-is built from the source embeddings of shared tokens, weighted by similarity in the helper's embedding space.
-It has not been trained after the transfer: continue pretraining it on target-language text
-(`clp-transfer train`) before using it.
+A causal language model{_for_language(language)}, made with clp-transfer's `transfer` by **cross-lingual
+vocabulary transfer** (CLP-Transfer, Ostendorff & Rehm 2023): the transformer body of the source model
+`{src['origin']}` with the vocabulary of the helper model `{hlp['tokenizer']}`. Tokens both vocabularies share
+keep their source embeddings; each new token's embedding is built from the source embeddings of shared tokens,
+weighted by similarity in the helper's embedding space. It has not been trained after the transfer: continue
+pretraining it on target-language text (`clp-transfer train`) before using it.
 
 ## What was done
 
-| | |
-|---|---|
-| source | `{src['origin']}` ({src['kind']}; {_fmt(src['vocab_size'])} tokens, {src['tokenizer_style']} tokenizer) |
-| helper | `{hlp['origin']}` (its {hlp['tokenizer_style']} tokenizer is this model's tokenizer) |
-| method | `{r['method']}`, parameters {params}, seed {r.get('seed')} |
-| vocabulary | {_fmt(tgt['vocab_size'])} tokens: **{_fmt(m['shared'])} shared** with the source (rows copied), **{_fmt(m['missing'])} new** (rows from `{r['method']}`) |
-| matching | {'canonical (bytes + word start)' if r.get('canonical_matching', True) else 'exact strings'}; {rules} |
-| calibration text | {calib} |
-| embeddings | {_fmt(tgt['embedding_rows'])} rows ({tgt['dtype']}); output head {head} |
-| tool | clp-transfer {r.get('clp_transfer_version', '?')}; full record in `transfer_report.json` |
+{_table(_transfer_rows(r))}
 
 ## Measurements
 
@@ -217,8 +234,7 @@ Bits per byte: not measured by `transfer`. Measure them on held-out target-langu
 
 ## License and language
 
-{_license_note(source.license, f"the license of the source `{src['origin']}`, whose weights this model keeps"
-               if source.license else f"the source `{src['origin']}` names none in its card or GGUF metadata")}{f" The helper's license: `{helper.license}`." if helper.license else ''}
+{_license_note(source.license, whence)}{helper_license}
 {_language_note(language)}
 {_loading(name)}"""
     tags = [TAG, "cross-lingual-transfer", "clp", f"transfer-method-{r['method']}"]
@@ -259,53 +275,72 @@ def _phase_rows(phases: list[dict[str, Any]], cfg: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def _start_description(start: Any, scratch: bool, transfer: dict[str, Any]) -> str:
+    """Where the training started: a (transferred) model, or an architecture trained from scratch."""
+    if scratch:
+        return f"the architecture of `{start}`, **trained from scratch** (random initialisation)"
+    out = f"`{start}`"
+    if transfer:
+        out += (f", itself made by `transfer` (method `{transfer.get('method')}`) from the source "
+                f"`{transfer['source']['origin']}` and the helper `{transfer['helper']['origin']}`: "
+                f"{_fmt(transfer['matching']['shared'])} shared and {_fmt(transfer['matching']['missing'])} "
+                "new tokens")
+    return out
+
+
+def _final_eval_text(fe: dict[str, Any]) -> str:
+    if not fe:
+        return "Not measured at the end of training (no validation split, or `--no-final_eval`)."
+    return (f"On the whole validation split of the training data ({_fmt(fe.get('final_eval_tokens', 0))} "
+            f"predicted tokens): loss {_fmt(fe.get('final_eval_loss'))} nats per token, token perplexity "
+            f"{_fmt(fe.get('final_eval_ppl'), 2)}, **{_fmt(fe.get('final_eval_bpb'))} bits per byte** (bytes "
+            "taken pro rata from the split; `clp-transfer perplexity` gives the exact document-level figure).")
+
+
+def _train_rows(cfg: dict[str, Any], res: dict[str, Any], start: str, data_line: str) -> list[tuple[str, str]]:
+    resumed = f"; resumed from step {res['resumed_from_step']}" if res.get("resumed_from_step") else ""
+    return [
+        ("start", start),
+        ("data", data_line),
+        ("budget", f"{_fmt(res.get('steps'))} optimizer steps, {_fmt(res.get('tokens_seen'))} tokens seen"),
+        ("batch", f"{cfg.get('per_device_train_batch_size')} x {cfg.get('gradient_accumulation_steps', 1)} "
+                  f"(accumulation) x {res.get('processes', 1)} process(es) of "
+                  f"{cfg.get('block_size') or 'model-context'} tokens"),
+        ("optimizer", f"AdamW, weight decay {cfg.get('weight_decay')}, gradient clipping "
+                      f"{cfg.get('max_grad_norm')}, min lr {cfg.get('min_lr')}, precision "
+                      f"{res.get('mixed_precision')}"),
+        ("seed", f"{cfg.get('seed')}{resumed}"),
+    ]
+
+
 def train_card(final_dir: Path, run_dir: Path) -> str:
     """The card of ``train``'s ``final/``, from ``final/train_config.yaml`` and the run's ``results.json``."""
     cfg = yaml.safe_load((final_dir / "train_config.yaml").read_text(encoding="utf-8")) or {}
     res = _read_json(run_dir / "results.json")
-    start = cfg.get("model_config") if cfg.get("from_scratch") else cfg.get("model")
+    scratch = bool(cfg.get("from_scratch"))
+    start = cfg.get("model_config") if scratch else cfg.get("model")
     start_dir = Path(str(start)).expanduser() if start else None
     local = start_dir is not None and start_dir.is_dir()
     inherited = provenance(start_dir if local else None, None if local else start)
-    scratch = bool(cfg.get("from_scratch"))
     base = None if scratch else (inherited.base_model if local else inherited.hub_id)
     if scratch:  # only the architecture (and tokenizer) came from there, not the weights or their license
         inherited.license = None
     transfer = _read_json(start_dir / "transfer_report.json") if local and start_dir else {}
     data_line, datasets = _data_description(cfg.get("data"))
     name = run_dir.name
-    origin = (f"the architecture of `{start}`, **trained from scratch** (random initialisation)"
-              if scratch else f"`{start}`")
-    if transfer:
-        origin += (f", itself made by `transfer` (method `{transfer.get('method')}`) from the source "
-                   f"`{transfer['source']['origin']}` and the helper `{transfer['helper']['origin']}`: "
-                   f"{_fmt(transfer['matching']['shared'])} shared and {_fmt(transfer['matching']['missing'])} "
-                   "new tokens")
-    fe = res.get("final_eval") or {}
-    measured = (f"On the whole validation split of the training data ({_fmt(fe.get('final_eval_tokens', 0))} "
-                f"predicted tokens): loss {_fmt(fe.get('final_eval_loss'))} nats per token, token perplexity "
-                f"{_fmt(fe.get('final_eval_ppl'), 2)}, **{_fmt(fe.get('final_eval_bpb'))} bits per byte** (bytes "
-                "taken pro rata from the split; `clp-transfer perplexity` gives the exact document-level figure)."
-                if fe else "Not measured at the end of training (no validation split, or `--no-final_eval`).")
-    batch = (f"{cfg.get('per_device_train_batch_size')} x {cfg.get('gradient_accumulation_steps', 1)} "
-             f"(accumulation) x {res.get('processes', 1)} process(es) of {cfg.get('block_size') or 'model-context'} "
-             "tokens")
+    origin = _start_description(start, scratch, transfer)
+    whence = (f"inherited from the card of `{start}`" if inherited.license else
+              "trained from scratch: only the architecture came from there" if scratch else
+              f"the card of `{start}` names none" if local else f"the card of the hub model `{start}` was not read")
     body = f"""
 # {name}
 
-A causal language model{' (language: ' + ', '.join(inherited.language) + ')' if inherited.language else ''}, trained
-with clp-transfer's `train`{': ' if scratch else ' (continued pretraining) from '}{origin}.
+A causal language model{_for_language(inherited.language)}, trained with clp-transfer's
+`train`{': ' if scratch else ' (continued pretraining) from '}{origin}.
 
 ## Training
 
-| | |
-|---|---|
-| start | {origin} |
-| data | {data_line} |
-| budget | {_fmt(res.get('steps'))} optimizer steps, {_fmt(res.get('tokens_seen'))} tokens seen |
-| batch | {batch} |
-| optimizer | AdamW, weight decay {cfg.get('weight_decay')}, gradient clipping {cfg.get('max_grad_norm')}, min lr {cfg.get('min_lr')}, precision {res.get('mixed_precision')} |
-| seed | {cfg.get('seed')}{'; resumed from step ' + str(res['resumed_from_step']) if res.get('resumed_from_step') else ''} |
+{_table(_train_rows(cfg, res, origin, data_line))}
 
 | phase | steps | trains | peak lr | batch | schedule |
 |---|---:|---|---:|---:|---|
@@ -315,15 +350,13 @@ Full record: `train_config.yaml` here, `results.json` and `logs/train_log.jsonl`
 
 ## Measurements
 
-{measured}
+{_final_eval_text(res.get('final_eval') or {})}
 
 ## License and language
 
-{_license_note(inherited.license, f"inherited from the card of `{start}`" if inherited.license else
-               "trained from scratch: only the architecture came from there" if scratch else
-               f"the card of `{start}` names none" if local else f"the card of the hub model `{start}` was not read")}
+{_license_note(inherited.license, whence)}
 The training data's own terms may apply as well.
-{_language_note(inherited.language)}
+{_language_note(inherited.language, f"the card of `{start}` names none")}
 {_loading(name + '/final')}"""
     tags = list(dict.fromkeys([TAG, "continued-pretraining", *inherited.tags]))
     return _render({"language": inherited.language, "license": inherited.license, "library_name": "transformers",
@@ -338,22 +371,29 @@ def helper_card(directory: Path) -> str:
     language = _as_list(cfg.get("language"))
     name = final_name(directory)
     bpb = t["final_loss"] / math.log(2) / data["bytes_per_token"] if data.get("bytes_per_token") else float("nan")
+    rows = [
+        ("data", f"{_fmt(data['documents'])} documents, {_size(data['bytes'])} of text from "
+                 f"{len(data.get('files') or [])} file(s)"),
+        ("tokenizer", f"{tok['kind']}, {_fmt(tok['vocab_size'])} tokens, trained on the same text "
+                      f"({data['bytes_per_token']} bytes per token)"),
+        ("model", f"{model['architecture']}, {_fmt(model['parameters'])} parameters "
+                  f"({_fmt(model['non_embedding_parameters'])} outside the embeddings), hidden size "
+                  f"{cfg.get('hidden_size')}, {cfg.get('num_layers')} layers, context {cfg.get('block_size')}"),
+        ("training", f"{_fmt(t['steps'])} steps, {_fmt(t['tokens'])} tokens ({t['epochs']} epochs), batch "
+                     f"{cfg.get('batch_size')}, lr {cfg.get('learning_rate')}, {t['seconds']} s, stopped by "
+                     f"{t['stopped_by']}"),
+    ]
     body = f"""
 # {name}
 
-A small causal language model{' (language: ' + ', '.join(language) + ')' if language else ''}, trained from scratch with
-clp-transfer's `helper` to serve as the **helper** of a cross-lingual transfer (`clp-transfer transfer
---helper {name}`): its tokenizer becomes the target vocabulary and its embeddings measure the similarity
-of target tokens. It is not meant to be used as a language model on its own.
+A small causal language model{_for_language(language)}, trained from scratch with clp-transfer's `helper` to
+serve as the **helper** of a cross-lingual transfer (`clp-transfer transfer --helper {name}`): its tokenizer
+becomes the target vocabulary and its embeddings measure the similarity of target tokens. It is not meant to
+be used as a language model on its own.
 
 ## What was done
 
-| | |
-|---|---|
-| data | {_fmt(data['documents'])} documents, {_size(data['bytes'])} of text from {len(data.get('files') or [])} file(s) |
-| tokenizer | {tok['kind']}, {_fmt(tok['vocab_size'])} tokens, trained on the same text ({data['bytes_per_token']} bytes per token) |
-| model | {model['architecture']}, {_fmt(model['parameters'])} parameters ({_fmt(model['non_embedding_parameters'])} outside the embeddings), hidden size {cfg.get('hidden_size')}, {cfg.get('num_layers')} layers, context {cfg.get('block_size')} |
-| training | {_fmt(t['steps'])} steps, {_fmt(t['tokens'])} tokens ({t['epochs']} epochs), batch {cfg.get('batch_size')}, lr {cfg.get('learning_rate')}, {t['seconds']} s, stopped by {t['stopped_by']} |
+{_table(rows)}
 
 ## Measurements
 
@@ -364,7 +404,7 @@ i.e. {_fmt(bpb)} bits per byte **of its training text** (not held out). Held-out
 ## License and language
 
 {_license_note(None, "a model trained from scratch on your text", "the text's terms")}
-{'' if language else chr(10) + 'Language: not recorded (`clp-transfer helper --language CODE` records it), so the metadata has no `language`.' + chr(10)}
+{_language_note(language, "`clp-transfer helper --language CODE` records it")}
 {_loading(name)}"""
     return _render({"language": language, "library_name": "transformers", "pipeline_tag": "text-generation",
                     "tags": [TAG, "clp-transfer-helper"]}, body)
