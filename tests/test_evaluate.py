@@ -11,7 +11,9 @@ import yaml
 from clp_transfer.cli import main
 from clp_transfer.errors import ClpError, UnknownNameError
 from clp_transfer.evaluate import (
+    GERMAN_2025_PRESET,
     GERMAN_PRESET,
+    PRESETS,
     _FunctionTag,
     _TaskLoader,
     evaluate,
@@ -40,6 +42,44 @@ def test_german_preset_maps_to_installed_names_and_reports_the_rest():
     # a fork task given through --include_path wins over the upstream name
     plan = plan_tasks(["german"], {"xnli_de", "ogx_xnli_de", "ogx_gnad10"})
     assert plan.run["ogx_xnli_de"] == "ogx_xnli_de" and plan.run["ogx_gnad10"] == "ogx_gnad10"
+
+
+def _task_dirs_naming(names: list[str]) -> list[str]:
+    """Directories of the installed lm-eval's built-in tasks whose YAML files name one of ``names`` (a text scan,
+    so that lm-eval's own indexer runs on a few directories instead of all ~14k tasks)."""
+    import re
+
+    import lm_eval.tasks
+
+    pattern = re.compile(r"^\s*(task|group|tag)\s*:\s*['\"]?(" + "|".join(map(re.escape, names)) + r")['\"]?\s*$", re.M)
+    root = Path(lm_eval.tasks.__file__).parent
+    return sorted({str(p.parent) for p in root.rglob("*.yaml") if pattern.search(p.read_text(errors="replace"))})
+
+
+def test_german_2025_preset_names_exist_in_the_installed_lm_eval():
+    """Offline: every name of the preset is a task or group that the installed lm-eval's indexer finds."""
+    from lm_eval.tasks import TaskManager
+
+    from clp_transfer.evaluate import lm_eval_version
+
+    names = [t.name for t in GERMAN_2025_PRESET]
+    assert len(names) == len(set(names)) >= 10 and PRESETS.get("german-2025") is GERMAN_2025_PRESET
+    dirs = _task_dirs_naming(names)
+    tm = TaskManager(include_path=dirs, include_defaults=False)
+    missing = [n for n in names if n not in tm.all_tasks]
+    assert not missing, f"not in lm-eval {lm_eval_version()}: {missing}"
+    plan = plan_tasks(["german-2025"], tm.all_tasks, lm_eval_version())
+    assert plan.run == {n: n for n in names} and not plan.unavailable
+
+
+def test_german_2025_preset_reports_missing_tasks_as_missing():
+    plan = plan_tasks(["german-2025", "de_ppl"], {"arc_de", "xnli_de", "de_ppl"}, "0.4.2")
+    assert plan.run == {"arc_de": "arc_de", "xnli_de": "xnli_de", "de_ppl": "de_ppl"}
+    assert set(plan.unavailable) == {t.name for t in GERMAN_2025_PRESET} - {"arc_de", "xnli_de"}
+    assert all("not available in the installed lm-eval 0.4.2" in why for why in plan.unavailable.values())
+    table = markdown_table({"results": {"arc_de": {"alias": "arc_de", "acc,none": 0.3}}}, plan.unavailable)
+    scores, rest = table.split("Not evaluated (no score):")
+    assert "hellaswag_de" in rest and "hellaswag_de" not in scores and "arc_de" in scores
 
 
 def test_unknown_task_lists_close_matches():

@@ -410,6 +410,86 @@ def test_hub_code_path_streams_a_local_dataset_directory(tmp_path, docs):
                                  "split": "train", "text_column": "content", "streaming": True}
 
 
+def _parquet_conversion(root: Path, config_docs: dict[str, list[str]], split_dir: str, shard_docs: int) -> Path:
+    """The hub's refs/convert/parquet layout: <config>/<split_dir>/NNNN.parquet, OSCAR's columns (id, text)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for config, texts in config_docs.items():
+        d = root / config / split_dir
+        d.mkdir(parents=True)
+        for k, start in enumerate(range(0, len(texts), shard_docs)):
+            part = texts[start:start + shard_docs]
+            table = pa.table({"id": list(range(start, start + len(part))), "text": part})
+            pq.write_table(table, d / f"{k:04d}.parquet")
+    return root
+
+
+def _refuse_scripts(monkeypatch, served: Path | None, calls: list) -> None:
+    """datasets as it behaves for the seed's `oscar` on the hub: the script is refused; the parquet revision is
+    served from ``served`` (a local copy of the conversion's layout), or fails like a missing branch."""
+    import datasets
+
+    from clp_transfer import prepare_sources
+
+    real = datasets.load_dataset
+
+    def fake(path, name=None, **kw):
+        calls.append((path, name, dict(kw)))
+        if kw.get("revision") != prepare_sources.PARQUET_REVISION:
+            raise RuntimeError("Dataset scripts are no longer supported, but found oscar.py")
+        if served is None:
+            raise FileNotFoundError("Revision 'refs/convert/parquet' does not exist for dataset 'oscar'")
+        kw.pop("revision")
+        return real(str(served), name, **kw)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(prepare_sources, "hub_unreachable", lambda timeout=5.0: None)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("split_dir", ["partial-train", "train"])
+def test_script_dataset_falls_back_to_the_parquet_conversion(tmp_path, docs, monkeypatch, caplog, split_dir):
+    english = [f"English document {i}." for i in range(30)]
+    served = _parquet_conversion(tmp_path / "conv", {"unshuffled_deduplicated_de": docs,
+                                                     "unshuffled_deduplicated_en": english}, split_dir, 7)
+    calls: list = []
+    _refuse_scripts(monkeypatch, served, calls)
+    n = sum(map(nbytes, docs[:12]))
+    m = sum(map(nbytes, docs[12:20]))
+    r = prepare(tmp_path / "o", n / MB, valid_size_mb=m / MB, dataset_name="oscar",
+                dataset_config_name="unshuffled_deduplicated_de", progress=False)
+    # the same first-N / next-M documents, in order, across shard files, from the config's directory only
+    assert read_split(r.path, "train") == docs[:12] and read_split(r.path, "valid") == docs[12:20]
+    assert calls[0] == ("oscar", "unshuffled_deduplicated_de", {"split": "train", "streaming": True})
+    assert calls[1][2] == {"data_dir": "unshuffled_deduplicated_de", "split": "train",
+                           "revision": "refs/convert/parquet", "streaming": True}
+    assert r.stats["source"]["revision"] == "refs/convert/parquet"
+    assert r.stats["source"]["data_dir"] == "unshuffled_deduplicated_de"
+    assert "parquet conversion" in caplog.text
+
+
+def test_parquet_conversion_that_ends_early_warns(tmp_path, docs, monkeypatch, caplog):
+    served = _parquet_conversion(tmp_path / "conv", {"unshuffled_deduplicated_de": docs[:5]}, "partial-train", 2)
+    _refuse_scripts(monkeypatch, served, [])
+    r = prepare(tmp_path / "o", 1.0, dataset_name="oscar", dataset_config_name="unshuffled_deduplicated_de",
+                progress=False)
+    assert read_split(r.path, "train") == docs[:5] and r.stats["source_exhausted"]
+    assert "holds only the first part" in caplog.text and "--files" in caplog.text
+
+
+def test_script_dataset_without_a_conversion_says_what_to_do(tmp_path, monkeypatch, capsys):
+    _refuse_scripts(monkeypatch, None, [])
+    assert run("--dataset_name", "oscar", "--dataset_config_name", "unshuffled_deduplicated_de",
+               "--output_dir", str(tmp_path / "out"), "--subsample_size_mb", "4096") == 2
+    err = capsys.readouterr().err
+    assert "loading script" in err and "refs/convert/parquet" in err and "does not exist" in err
+    assert "--files" in err and "datasets<3" in err
+    assert "oscar/tree/refs%2Fconvert%2Fparquet/unshuffled_deduplicated_de" in err
+    assert_nothing_written(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------- bad input
 def assert_nothing_written(parent: Path, name: str = "out") -> None:
     assert not (parent / name).exists()

@@ -4,9 +4,12 @@ What the wrapper adds to the harness:
 
 - **safe loading**: the model is loaded by :mod:`clp_transfer.eval_loading` (safetensors only unless
   ``allow_pickle``; remote code only when asked) and handed to the harness as an ``HFLM`` instance;
-- **presets**: ``german`` is the study project's OpenGPT-X list, mapped to the names the installed lm-eval
-  provides (see :data:`GERMAN_PRESET`). A preset task that is not available (not in this lm-eval, or its
-  dataset cannot be fetched offline) is skipped with the reason, and never reported as a score;
+- **presets**: ``german-2025`` is the German tasks upstream lm-eval 0.4.x ships (ARC, HellaSwag, MMLU,
+  Global-MMLU, TruthfulQA, Belebele, XNLI, PAWS-X, LAMBADA; see :data:`GERMAN_2025_PRESET`), the choice with
+  network access; ``german`` is the study project's 2019 OpenGPT-X list, mapped to the names the installed
+  lm-eval provides (see :data:`GERMAN_PRESET`), most of which upstream lm-eval does not ship. A preset task
+  that is not available (not in this lm-eval, or its dataset cannot be fetched offline) is skipped with the
+  reason, and never reported as a score;
 - **local tasks**: ``include_path`` directories are mirrored into a temporary directory in which relative
   ``dataset_kwargs.data_files`` (and relative local ``dataset_path`` directories) are made absolute,
   resolved against the YAML file's directory first and the current directory second (lm-eval itself
@@ -78,8 +81,27 @@ GERMAN_PRESET: tuple[PresetTask, ...] = (
     PresetTask("ogx_xstance_de", ("ogx_xstance_de", "xstance_de", "x_stance_de"), _OGX_HINT),
 )
 
+_UPSTREAM_HINT = ("a German task of upstream lm-evaluation-harness (0.4.13 ships it); a newer or older lm-eval may "
+                  "name it differently: `lm_eval ls tasks | grep _de` lists the installed names")
+GERMAN_2025_PRESET: tuple[PresetTask, ...] = tuple(PresetTask(name, (name,), _UPSTREAM_HINT) for name in (
+    "arc_de",                # ARC-Challenge, machine-translated (Okapi)
+    "arc_challenge_mt_de",   # ARC-Challenge, another translation
+    "hellaswag_de",          # HellaSwag, machine-translated (Okapi)
+    "m_mmlu_de",             # MMLU, machine-translated (Okapi)
+    "global_mmlu_de",        # Global-MMLU (lite), translated and reviewed
+    "truthfulqa_de_mc1",     # TruthfulQA multiple choice, one true answer (Okapi)
+    "truthfulqa_de_mc2",     # TruthfulQA multiple choice, several true answers (Okapi)
+    "belebele_deu_Latn",     # Belebele reading comprehension
+    "xnli_de",               # XNLI natural language inference
+    "paws_de",               # PAWS-X paraphrase identification
+    "lambada_openai_mt_de",  # LAMBADA last-word prediction, machine-translated
+))
+"""German tasks that upstream lm-evaluation-harness 0.4.x ships (names as 0.4.13 spells them). Every one needs
+its dataset from the Hugging Face hub; the local tasks of ``make-tasks`` are the offline alternative."""
+
 PRESETS: Registry[tuple[PresetTask, ...]] = Registry("task preset")
 PRESETS.add("german", GERMAN_PRESET)
+PRESETS.add("german-2025", GERMAN_2025_PRESET)
 
 
 @dataclass
@@ -406,7 +428,8 @@ class EvaluateConfig:
     model: str
     """Model: local HF directory (safetensors), hub id or .gguf file."""
     tasks: list[str] = field(default_factory=list)
-    """Task names, groups, glob patterns or a preset (german), space- or comma-separated."""
+    """Task names, groups, glob patterns or a preset (german-2025: the German tasks upstream lm-eval ships;
+    german: the study's 2019 OpenGPT-X list), space- or comma-separated."""
     num_fewshot: int | None = None
     """Few-shot examples per prompt (default: each task's own default, usually 0)."""
     include_path: list[str] = field(default_factory=list)

@@ -27,7 +27,7 @@ import math
 import platform
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,6 +100,8 @@ class HelperConfig:
     """Seed for model initialisation and data order."""
     overwrite: bool = False
     """Replace an existing output directory."""
+    language: list[str] = field(default_factory=list)
+    """Language code(s) of the text (e.g. de), written into the model card; transfer and train pass it on."""
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -403,6 +405,9 @@ def _train_helper(config: HelperConfig) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+            from .model_card import write_model_card  # README.md: the hub model card, built from the report
+
+            write_model_card(tmp, "helper")
     finally:
         torch.set_num_threads(threads_before)
     log.info("helper: %s", summary(report, out))

@@ -111,7 +111,7 @@ def download_from_hub(repo_id: str, what: str = "model") -> Path:
 
         local = snapshot_download(
             repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"],
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*", "README.md"],
         )
     except Exception as e:  # offline, unknown repo, gated model, ...
         raise ClpError(

@@ -81,7 +81,8 @@ class PrepareConfig:
     (default: a tenth of --subsample_size_mb)."""
     dataset_name: str | None = None
     """Dataset on the Hugging Face Hub (or a local dataset directory), streamed with datasets: nothing is
-    downloaded in full. Needs network access for hub names."""
+    downloaded in full. Needs network access for hub names. A script dataset (which datasets >= 3 refuses) is
+    read from the hub's parquet conversion (revision refs/convert/parquet)."""
     dataset_config_name: str | None = None
     """Configuration of --dataset_name, e.g. unshuffled_deduplicated_de."""
     dataset_split: str = "train"
@@ -365,6 +366,8 @@ def _run_prepare(cfg: PrepareConfig) -> PrepareResult:
     tok = load_tokenizer_info(cfg) if cfg.tokenizer else None
     if isinstance(source, HubSource):
         source.open()  # fail before anything is written
+        if source.revision:  # a script dataset, read from the hub's parquet conversion
+            source_info.update(revision=source.revision, data_dir=cfg.dataset_config_name or "default")
 
     t0 = time.perf_counter()
     with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
@@ -507,6 +510,10 @@ def _write_splits(
                 nbytes["train"] / MB, want_t, nbytes["valid"] / MB, want_v, docs["train"], docs["valid"],
                 "; the validation split is EMPTY" if docs["valid"] == 0 else "",
             )
+            if getattr(source, "revision", None):
+                log.warning("the source is the hub's parquet conversion (%s), which holds only the first part of "
+                            "a large split; for more text pass the dataset's own files with --files",
+                            source.revision)
         elif docs["valid"] == 0:
             log.warning("the validation split is empty (--valid_size_mb %.3f)", (n_total - n_train) / MB)
         ok = True

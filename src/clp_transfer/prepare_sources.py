@@ -444,15 +444,41 @@ def _hub_error(name: str, config: str | None, reason: str) -> ClpError:
     )
 
 
+PARQUET_REVISION = "refs/convert/parquet"
+"""The branch on which the hub's dataset viewer publishes parquet conversions of hub datasets."""
+SCRIPT_REFUSAL = "Dataset scripts are no longer supported"
+"""What ``datasets`` >= 3 raises for a dataset that is a loading script (e.g. the seed's ``oscar``)."""
+
+
+def _parquet_fallback_error(name: str, config: str | None, reason: str) -> ClpError:
+    return ClpError(
+        f"dataset {name!r} is a loading script, which the installed datasets refuses (datasets >= 3 runs no "
+        f"dataset scripts), and its parquet conversion (revision {PARQUET_REVISION}, directory "
+        f"{config or 'default'!r}) could not be read either: {reason}. What you can do: download the parquet "
+        f"files of https://huggingface.co/datasets/{name}/tree/{PARQUET_REVISION.replace('/', '%2F')}"
+        f"/{config or 'default'} (or the dataset's original files) and pass them with --files PATH... "
+        f"(same split rule); or run the script in an environment with datasets<3 and save the text as "
+        f".jsonl/.parquet first; or pick a dataset that is stored as data files on the hub"
+    )
+
+
 @dataclass
 class HubSource:
-    """A dataset streamed with ``datasets.load_dataset(..., streaming=True)``."""
+    """A dataset streamed with ``datasets.load_dataset(..., streaming=True)``.
+
+    A dataset that is a loading script (which ``datasets`` >= 3 refuses) is read from the hub's parquet
+    conversion instead: ``load_dataset(name, data_dir=config or "default", revision="refs/convert/parquet")``,
+    whose files ``<config>/<split>/NNNN.parquet`` (or ``<config>/partial-<split>/...`` for the first part of a
+    large split) hold the same documents in the same order, so the first-N / next-M split is the same.
+    """
 
     name: str
     config: str | None
     split: str
     text_column: str
     dataset: Any = field(default=None, repr=False)
+    revision: str | None = None
+    """None, or :data:`PARQUET_REVISION` once the parquet conversion is used."""
 
     def open(self) -> None:
         """Open the stream (fails early with a clear message when the hub cannot be reached)."""
@@ -465,20 +491,36 @@ class HubSource:
                 raise _hub_error(self.name, self.config, f"the hub is not reachable ({reason})")
         import datasets
 
+        path = str(Path(self.name).expanduser()) if local else self.name
         try:
-            self.dataset = datasets.load_dataset(
-                str(Path(self.name).expanduser()) if local else self.name,
-                self.config,
-                split=self.split,
-                streaming=True,
-            )
+            self.dataset = datasets.load_dataset(path, self.config, split=self.split, streaming=True)
         except (ConnectionError, TimeoutError) as e:
             raise _hub_error(self.name, self.config, f"{type(e).__name__}: {e}") from e
         except Exception as e:
-            raise ClpError(
-                f"cannot open dataset {self.name!r} (config {self.config!r}, split {self.split!r}) for streaming: "
-                f"{type(e).__name__}: {e}"
-            ) from e
+            if SCRIPT_REFUSAL not in str(e) or local:
+                raise ClpError(
+                    f"cannot open dataset {self.name!r} (config {self.config!r}, split {self.split!r}) for "
+                    f"streaming: {type(e).__name__}: {e}"
+                ) from e
+            self._open_parquet_conversion(path)
+
+    def _open_parquet_conversion(self, path: str) -> None:
+        """Stream the hub's parquet conversion of a script dataset (``refs/convert/parquet``)."""
+        import datasets
+
+        log.warning("dataset %r is a loading script, which datasets %s refuses; reading its parquet conversion "
+                    "(revision %s) instead. For large splits that conversion holds only the first part (about "
+                    "5 GB) of each split: see docs/prepare.md", self.name, datasets.__version__, PARQUET_REVISION)
+        try:
+            # The conversion has no dataset card, so its configurations are plain directories: data_dir picks
+            # one, and datasets maps "<split>/" and "partial-<split>/" to the split by its name.
+            self.dataset = datasets.load_dataset(path, data_dir=self.config or "default", split=self.split,
+                                                 revision=PARQUET_REVISION, streaming=True)
+        except (ConnectionError, TimeoutError) as e:
+            raise _hub_error(self.name, self.config, f"{type(e).__name__}: {e}") from e
+        except Exception as e:
+            raise _parquet_fallback_error(self.name, self.config, f"{type(e).__name__}: {e}") from e
+        self.revision = PARQUET_REVISION
 
     def documents(self, counts: SkipCounts, strict: bool) -> Iterator[Doc]:
         if self.dataset is None:

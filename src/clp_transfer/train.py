@@ -769,6 +769,9 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
             "last_eval": last_eval, "resumed_from_step": start_step if resume_from else None,
             "processes": world, "mixed_precision": mp,
         })
+        from .model_card import write_model_card  # final/README.md: the hub model card, from the records above
+
+        write_model_card(final_dir, "train", run_dir=run_dir)
     accelerator.wait_for_everyone()
     plot = None
     if runlog is not None:

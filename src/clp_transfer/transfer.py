@@ -427,6 +427,9 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         report["versions"] = _versions()
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        from .model_card import write_model_card  # README.md: the hub model card, built from the report
+
+        write_model_card(tmp, "transfer", source_dir=src.path, helper_dir=hlp.path)
     log.info("%s", summary(report, out_path))
     return TransferResult(out_path, report)
 
