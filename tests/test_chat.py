@@ -247,3 +247,30 @@ def test_template_scanning_helpers():
     assert found == ["<|ab|>", "<|a|>"] and rest == "\x00\x00x\x00"
     assert template_texts(None) == {} and template_texts("t") == {"default": "t"}
     assert template_texts([{"name": "rag", "template": "r"}]) == {"rag": "r"}
+
+
+def test_shards_of_the_helper_tokenizer_feed_the_chat_target(tmp_path, model_factory, english_lines, german_lines):
+    # Token shards prepared with the helper's tokenizer stay valid for a target that only appends control
+    # tokens after the helper's ids; a tokenizer that differs below them is still refused.
+    from clp_transfer.errors import ClpError
+    from clp_transfer.prepare import prepare
+    from clp_transfer.shards import tokenizer_fingerprint
+
+    src = instruct_source(tmp_path / "src", english_lines)
+    hlp = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    target = transfer(str(src), str(hlp), str(tmp_path / "out"), method="mean").path
+    text = tmp_path / "de.txt"
+    text.write_text("\n".join(german_lines) + "\n")
+    shards = prepare(tmp_path / "data", 0.01, files=[str(text)], tokenizer=str(hlp), block_size=16,
+                     progress=False).shards("train")
+    tok, h_tok = AutoTokenizer.from_pretrained(target), AutoTokenizer.from_pretrained(hlp)
+    assert tokenizer_fingerprint(tok) != tokenizer_fingerprint(h_tok)
+    assert tokenizer_fingerprint(tok, below=len(h_tok)) == tokenizer_fingerprint(h_tok)
+    shards.check_tokenizer(tok)
+    other = AutoTokenizer.from_pretrained(model_factory("gpt2", "de", "bpe", vocab=300, hidden=16))
+    below = AutoTokenizer.from_pretrained(target)  # an ordinary piece of the helper turned into a control token
+    below.add_special_tokens({"extra_special_tokens": [h_tok.convert_ids_to_tokens(300)]},
+                             replace_extra_special_tokens=False)
+    for bad in (other, below):
+        with pytest.raises(ClpError, match="made with tokenizer"):
+            shards.check_tokenizer(bad)
