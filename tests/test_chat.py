@@ -135,7 +135,8 @@ def test_generate_stops_at_the_end_of_turn_token(tmp_path, model_factory, englis
     src_model, src_tok = load(src)
     prompt = src_tok.apply_chat_template(CHAT, return_tensors="pt", add_generation_prompt=True, return_dict=True)
     out = src_model.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=src_tok.pad_token_id)
-    assert out[0, -1] == src_tok.convert_tokens_to_ids("<|im_end|>") and out.shape[1] == prompt["input_ids"].shape[1] + 1
+    assert out[0, -1] == src_tok.convert_tokens_to_ids("<|im_end|>")
+    assert out.shape[1] == prompt["input_ids"].shape[1] + 1  # the source stops at once
 
     for chat, stops in ((True, True), (False, False)):
         path = transfer(str(src), str(hlp), str(tmp_path / f"out-{chat}"), method="clp", chat=chat).path
@@ -218,7 +219,7 @@ def test_warnings_for_what_cannot_be_carried(tmp_path, english_lines, model_fact
     # bos_token renders the helper's <|endoftext|>, whose row is the source's eos (</s>), not its bos (<s>)
     assert "uses bos_token, which renders the target's '<|endoftext|>'" in warnings and "'<s>'" in warnings
     assert result.report["chat"]["template_variables"]["bos_token"]["rows_from_source_token"] == "</s>"
-    assert "generate will not stop at the end of a turn" in warnings
+    assert "generate does not stop at the end of a turn" in warnings
     assert "; 5 warnings in the report." in summary(result.report, result.path)
     tok = AutoTokenizer.from_pretrained(result.path)
     assert tok.apply_chat_template(CHAT, tokenize=False).startswith("<|endoftext|><|im_start|>user")

@@ -265,9 +265,9 @@ def plan_chat(source_tokenizer: Any, source: VocabInfo, target_tokenizer: Any, t
     plan.eos_token_ids = list(dict.fromkeys(
         ([target.roles["eos"]] if "eos" in target.roles else []) + [t.target_id for t in plan.tokens if t.end_of_turn]))
     if plan.tokens and not end_of_turn and "eos_token" not in used_roles:
-        plan.warnings.append("no token the chat template writes is an end-of-sequence id of the source's config or "
-                             "generation config: generate will not stop at the end of a turn (the source's does "
-                             "not either)")
+        plan.warnings.append("none of the control tokens the chat template writes is an end-of-sequence id of "
+                             "the source's config or generation config: as with the source, generate does not "
+                             "stop at the end of a turn, only at the eos")
     rows_of = {i: s for i, s in enumerate(match.source_id)} | plan.row_sources
     plan.template_variables, warnings = _role_variables(used_roles, source, target, rows_of)
     plan.warnings += warnings
