@@ -37,6 +37,7 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, fixtures_di
     assert chat["model"] == "target: clp" and chat["prompt"].endswith("<|im_start|>assistant\n")
     assert "<|im_start|>user\nWie speichere ich eine Datei?<|im_end|>" in chat["prompt"]
     assert 1 <= chat["new_tokens"] <= 24 and isinstance(chat["stopped_at_end_of_turn"], bool)
+    assert (chat["stop_token"] is not None) == chat["stopped_at_end_of_turn"]
     assert "## Chat-formatted generation" in report and chat["prompt"] + chat["reply"] in report
 
 

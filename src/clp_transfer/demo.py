@@ -233,7 +233,8 @@ def chat_generation(path: Path, max_new_tokens: int = 24) -> dict[str, Any] | No
     eos = model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos]
     return {"path": str(path), "prompt": prompt, "reply": tok.decode(new, skip_special_tokens=False),
-            "new_tokens": len(new), "stopped_at_end_of_turn": bool(new) and new[-1] in eos}
+            "new_tokens": len(new), "stopped_at_end_of_turn": bool(new) and new[-1] in eos,
+            "stop_token": tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None}
 
 
 def prepare_data(train_file: Path, tokenizer_dir: Path, out: Path, cfg: DemoConfig) -> Path:
@@ -328,8 +329,8 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             lines.append("")
     chat = results.get("chat_generation")
     if chat:
-        stop = "stopped at the end-of-turn token" if chat["stopped_at_end_of_turn"] else \
-            f"did not stop within {chat['new_tokens']} tokens"
+        stop = f"stopped at {chat['stop_token']}, one of the ids generation stops at" if chat["stopped_at_end_of_turn"] \
+            else f"did not stop within {chat['new_tokens']} tokens"
         lines += ["## Chat-formatted generation", "", f"**{chat['model']}**, prompt rendered with the chat "
                   f"template carried from the source; greedy, {stop}:", "", "```", chat["prompt"] + chat["reply"],
                   "```", ""]
