@@ -275,3 +275,24 @@ def test_shards_of_the_helper_tokenizer_feed_the_chat_target(tmp_path, model_fac
     for bad in (other, below):
         with pytest.raises(ClpError, match="made with tokenizer"):
             shards.check_tokenizer(bad)
+
+
+def test_output_bias_entries_follow_the_carried_tokens(tmp_path, english_lines, model_factory):
+    # Phi's head has a bias: the carried tokens get the source's bias entries too.
+    from transformers import AutoConfig
+
+    tok = add_chat_template(train_tokenizer(english_lines, 400, "bpe"))
+    config = AutoConfig.for_model("phi", vocab_size=448, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
+                                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.lm_head.bias.normal_()
+    src = save_model(model, tok, tmp_path / "src")
+    hlp = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    out = transfer(str(src), str(hlp), str(tmp_path / "out"), method="mean").path
+    bias_s, bias_t = model.lm_head.bias, load(out)[0].lm_head.bias
+    src_ids = tok.convert_tokens_to_ids(list(CONTROL))
+    tgt_ids = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(list(CONTROL))
+    assert torch.equal(bias_t[tgt_ids], bias_s[src_ids])
