@@ -31,6 +31,14 @@ def test_quick_demo_runs_every_stage_and_writes_the_report(tmp_path, fixtures_di
     # the clp target was calibrated on the demo's own training text
     rep = json.loads((out / "targets" / "clp" / "transfer_report.json").read_text())
     assert rep["calibration_text"] and rep["calibration_text"].endswith("train.txt")
+    # the quick source is an instruct model (ChatML): one chat-formatted generation of the clp target
+    assert [t["token"] for t in rep["chat"]["tokens"]] == ["<|im_start|>", "<|im_end|>"]
+    chat = results["chat_generation"]
+    assert chat["model"] == "target: clp" and chat["prompt"].endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>user\nWie speichere ich eine Datei?<|im_end|>" in chat["prompt"]
+    assert 1 <= chat["new_tokens"] <= 24 and isinstance(chat["stopped_at_end_of_turn"], bool)
+    assert (chat["stop_token"] is not None) == chat["stopped_at_end_of_turn"]
+    assert "## Chat-formatted generation" in report and chat["prompt"] + chat["reply"] in report
 
 
 def test_demo_refuses_existing_output_and_names_the_failing_stage(tmp_path, fixtures_dir, capsys):

@@ -31,6 +31,8 @@ from .errors import ClpError
 log = logging.getLogger(__name__)
 
 PROMPTS = ["Die Katze", "Um die Datei zu speichern,", "Das Wetter ist heute"]
+CHAT_MESSAGES = [{"role": "user", "content": "Wie speichere ich eine Datei?"}]
+"""The conversation of the report's chat-formatted generation (rendered with the target's chat template)."""
 
 
 @dataclass
@@ -162,10 +164,11 @@ def build_helper(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
 
 
 def build_quick_source(docs: list[str], out: Path, seed: int) -> Path:
-    """A tiny random Llama with a SentencePiece-style tokenizer: a stand-in source for --quick."""
-    from .tiny import save_model, tiny_model, train_tokenizer
+    """A tiny random Llama with a SentencePiece-style tokenizer and SmolLM2's chat format (ChatML, eos
+    ``<|im_end|>``): a stand-in source for --quick."""
+    from .tiny import add_chat_template, save_model, tiny_model, train_tokenizer
 
-    tok = train_tokenizer(docs[:2000], 500, "sentencepiece")
+    tok = add_chat_template(train_tokenizer(docs[:2000], 500, "sentencepiece"), eos_token="<|im_end|>")
     model = tiny_model("llama", tok, seed=seed, hidden_size=32, num_layers=2, num_heads=2)
     return save_model(model, tok, out / "quick-source")
 
@@ -212,6 +215,26 @@ def generate(model, tok, max_new_tokens: int = 16) -> dict[str, str]:
                                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         out[prompt] = tok.decode(gen[0][ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     return out
+
+
+def chat_generation(path: Path, max_new_tokens: int = 24) -> dict[str, Any] | None:
+    """One greedy reply to :data:`CHAT_MESSAGES` rendered with the model's chat template (None without one)."""
+    import torch
+
+    model, tok = load_model(path)
+    if not tok.chat_template:
+        return None
+    prompt = tok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)  # the template writes every control token
+    with torch.inference_mode():
+        gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    new = gen[0][ids["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos]
+    return {"path": str(path), "prompt": prompt, "reply": tok.decode(new, skip_special_tokens=False),
+            "new_tokens": len(new), "stopped_at_end_of_turn": bool(new) and new[-1] in eos,
+            "stop_token": tok.convert_ids_to_tokens(new[-1]) if new and new[-1] in eos else None}
 
 
 def prepare_data(train_file: Path, tokenizer_dir: Path, out: Path, cfg: DemoConfig) -> Path:
@@ -304,6 +327,13 @@ def write_report(results: dict[str, Any], out: Path) -> Path:
             lines.append(f"**{name}** ({stage}):")
             lines += [f"- *{p}* → {g!r}" for p, g in gens.items()]
             lines.append("")
+    chat = results.get("chat_generation")
+    if chat:
+        stop = f"stopped at {chat['stop_token']}, one of the ids generation stops at" if chat["stopped_at_end_of_turn"] \
+            else f"did not stop within {chat['new_tokens']} tokens"
+        lines += ["## Chat-formatted generation", "", f"**{chat['model']}**, prompt rendered with the chat "
+                  f"template carried from the source; greedy, {stop}:", "", "```", chat["prompt"] + chat["reply"],
+                  "```", ""]
     lines += ["## Stage timings (s)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in results["timings"].items()]
     report = out / "report.md"
@@ -360,6 +390,12 @@ def run_demo(cfg: DemoConfig) -> Path:
                         **st.run(f"evaluate {name}", lambda p=path, i=ids: evaluate(p, heldout, i), "")}
         models[name]["seconds"] = round(time.perf_counter() - t, 1)
 
+    chat = None
+    if cfg.methods:  # one chat-formatted generation of the first target (the source's template, carried)
+        chat = st.run("chat generation", lambda: chat_generation(out / "targets" / cfg.methods[0]), "")
+        if chat:
+            chat["model"] = f"target: {cfg.methods[0]}"
+
     runs: dict[str, dict[str, Any]] = {}
     if cfg.train_methods:
         data_dir = st.run("prepare", lambda: prepare_data(train_file, helper, out, cfg), "Check free disk space.")
@@ -375,7 +411,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     results = {
         "quick": cfg.quick, "config": asdict(cfg), "source": str(source),
         "helper": {"path": str(helper), "vocab_size": _vocab_size(helper)}, "heldout": held,
-        "models": models, "plot": str(plot) if plot else None, "timings": st.timings,
+        "models": models, "plot": str(plot) if plot else None, "timings": st.timings, "chat_generation": chat,
     }
     atomic_write_json(out / "results.json", results)
     report = write_report(results, out)

@@ -30,18 +30,22 @@ FORMAT_NAME = "clp-transfer-shards"
 FORMAT_VERSION = 1
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> str:
+def tokenizer_fingerprint(tokenizer: Any, below: int | None = None) -> str:
     """A stable hash of what decides token ids: vocabulary, merges, normalisation and added tokens.
 
     Two tokenizers with the same fingerprint map every text to the same ids, so shards made with one can
-    be read by a model trained with the other.
+    be read by a model trained with the other. ``below``: leave out added tokens with ids >= ``below`` -
+    tokens appended after a vocabulary of ``below`` ids, such as the chat control tokens a transfer carries
+    into the helper's tokenizer - which gives the fingerprint of the tokenizer before they were added.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         spec = json.loads(backend.to_str())
         payload: Any = {k: spec.get(k) for k in ("normalizer", "pre_tokenizer", "model", "added_tokens")}
+        if below is not None:
+            payload["added_tokens"] = [t for t in payload["added_tokens"] or [] if t["id"] < below]
     else:  # slow tokenizer: the vocabulary is the best we have
-        payload = sorted(tokenizer.get_vocab().items())
+        payload = sorted((t, i) for t, i in tokenizer.get_vocab().items() if below is None or i < below)
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8")
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -164,9 +168,14 @@ class TokenShards:
         return self.read(i * block_size, block_size)
 
     def check_tokenizer(self, tokenizer: Any) -> None:
-        """Fail clearly when the shards were made with another tokenizer than ``tokenizer``."""
+        """Fail clearly when the shards were made with another tokenizer than ``tokenizer``.
+
+        A tokenizer that only appends tokens after the shards' vocabulary (a transferred instruct model's
+        chat control tokens) is accepted: every id in the shards means the same token in both.
+        """
         fp = tokenizer_fingerprint(tokenizer)
-        if fp != self.index.tokenizer_hash:
+        if fp != self.index.tokenizer_hash and \
+                tokenizer_fingerprint(tokenizer, below=self.index.vocab_size) != self.index.tokenizer_hash:
             raise ClpError(
                 f"the shards in {str(self.dir)!r} were made with tokenizer {self.index.tokenizer_name!r} "
                 f"(hash {self.index.tokenizer_hash}), not with the model's tokenizer (hash {fp}); "

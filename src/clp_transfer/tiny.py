@@ -130,3 +130,28 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | Path, **save_kwarg
     model.save_pretrained(path, **save_kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""A ChatML chat template (the format of SmolLM2-Instruct and Qwen), for tiny instruct-style sources."""
+
+
+def add_chat_template(tokenizer: PreTrainedTokenizerFast, template: str = CHATML_TEMPLATE,
+                      control_tokens: tuple[str, ...] = ("<|im_start|>", "<|im_end|>"),
+                      eos_token: str | None = None) -> PreTrainedTokenizerFast:
+    """Make ``tokenizer`` an instruct model's: ``control_tokens`` added as special tokens (after its
+    vocabulary), ``template`` as its chat template and, if given, ``eos_token`` as its end-of-sequence token.
+    Size a model to the tokenizer afterwards (:func:`tiny_model` uses ``len(tokenizer)``)."""
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens(
+        {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in control_tokens]},
+        replace_extra_special_tokens=False,
+    )
+    tokenizer.chat_template = template
+    if eos_token is not None:
+        tokenizer.eos_token = eos_token
+    return tokenizer

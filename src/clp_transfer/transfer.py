@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, update_chat_configs
+from .chat import summary as chat_summary
 from .config import add_dataclass_arguments, build_config
 from .errors import ClpError
 from .methods import METHODS, EmbeddingProblem, EmbeddingSolution, compute_target_embeddings
@@ -89,6 +91,9 @@ class TransferConfig:
     """Allow reading pickle checkpoints (*.bin); unsafe for files you do not trust."""
     trust_remote_code: bool = False
     """Allow models whose code lives in their repository."""
+    chat: bool = True
+    """Carry the source's chat template and its control tokens (with their source rows) into the target;
+    --no-chat drops them (base-model use). A source without a chat template is not affected."""
 
 
 @dataclass
@@ -344,10 +349,13 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
             f"the helper's tokenizer shares no ordinary token with the source's ({len(target_vocab)} vs "
             f"{len(source_vocab)} tokens): the transfer has nothing to anchor the new embeddings on"
         )
+    chat = plan_chat(src_tok, source_vocab, tgt_tok, target_vocab, match, src.path, enabled=cfg.chat)
     pieces = decompose(target_vocab, source_vocab) if spec.wants_pieces(method_params(cfg.method, params)) else None
     timings["match_s"] = time.perf_counter() - t
 
-    rows, multiple = padded_rows(len(target_vocab), e_s.shape[0], len(source_vocab), cfg.pad_to_multiple_of)
+    # Carried control tokens take the ids after the helper's vocabulary (inside the padding when it has room).
+    rows, multiple = padded_rows(len(target_vocab) + len(chat.new_tokens), e_s.shape[0], len(source_vocab),
+                                 cfg.pad_to_multiple_of)
     source_id = torch.tensor(match.source_id, dtype=torch.long)
     problem = EmbeddingProblem(
         source_input=e_s,
@@ -382,6 +390,7 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         by_position = torch.arange(rows)
         by_position[by_position >= o_s.shape[0]] = -1
         solution.output = remap_rows(o_s, by_position, rows)
+    set_chat_rows(chat, solution.input, solution.output, e_s, o_s)  # after calibration: exact source rows
 
     report: dict[str, Any] = {
         "clp_transfer_version": __version__,
@@ -391,7 +400,8 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         "helper": {"origin": hlp.origin, "kind": hlp.kind, "embedding_rows": int(problem.helper_input.shape[0])
                    if problem.helper_input is not None else None, "tokenizer": cfg.helper_tokenizer or hlp.origin,
                    "tokenizer_style": target_vocab.style.value},
-        "target": {"vocab_size": len(target_vocab), "embedding_rows": rows, "padded_to_multiple_of": multiple,
+        "target": {"vocab_size": len(target_vocab), "added_control_tokens": len(chat.new_tokens),
+                   "embedding_rows": rows, "padded_to_multiple_of": multiple,
                    "dtype": str(e_s.dtype).replace("torch.", ""), "tied": keys.tied},
         "method": cfg.method,
         "params": solution.stats.get("params", {}),
@@ -409,8 +419,9 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
 
     t = time.perf_counter()
     with atomic_directory(out_path, overwrite=cfg.overwrite, inputs=[src.path, hlp.path]) as tmp:
-        _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows)
+        _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows, chat.row_sources)
         _write_config(tmp, src.path, rows, target_vocab.roles)
+        update_chat_configs(tmp, chat)
         # The target model has the source's context, not the helper's: without this, a helper trained on short
         # blocks would make the target tokenizer warn about (and truncate at) the helper's length.
         from transformers import AutoConfig
@@ -420,6 +431,8 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         context = context_length(AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.trust_remote_code))
         if context:
             tgt_tok.model_max_length = context
+        apply_chat_tokenizer(tgt_tok, chat)
+        report["chat"] = _chat_report(chat)
         tgt_tok.save_pretrained(tmp)
         timings["write_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t0
@@ -435,8 +448,12 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
 
 
 def _write_checkpoint(tmp: Path, ckpt: SafetensorsCheckpoint, keys: EmbeddingKeys, solution: EmbeddingSolution,
-                      source_id: torch.Tensor, rows: int) -> None:
-    """Copy the source weights file by file, replacing the vocabulary-sized tensors."""
+                      source_id: torch.Tensor, rows: int, row_sources: dict[int, int] | None = None) -> None:
+    """Copy the source weights file by file, replacing the vocabulary-sized tensors.
+
+    ``row_sources`` (target id -> source id, the carried control tokens) also sets those entries of an
+    output bias.
+    """
     from safetensors.torch import save_file
 
     replace: dict[str, torch.Tensor] = {keys.input: solution.input}
@@ -450,7 +467,10 @@ def _write_checkpoint(tmp: Path, ckpt: SafetensorsCheckpoint, keys: EmbeddingKey
             if k in replace:
                 v = replace[k].clone()  # a tied copy must not share memory with the input rows
             elif k == keys.output_bias:
-                v = remap_rows(v, source_id, rows)
+                bias = remap_rows(v, source_id, rows)
+                for t, s in (row_sources or {}).items():
+                    bias[t] = v[s]
+                v = bias
             tensors[k] = v.contiguous()
             total += v.numel() * v.element_size()
             weight_map[k] = file
@@ -474,6 +494,13 @@ def _write_config(tmp: Path, source_dir: Path, rows: int, roles: dict[str, int])
         (tmp / "generation_config.json").write_text(json.dumps(g, indent=2) + "\n")
     for extra in source_dir.glob("*.py"):  # remote-code models keep their modelling code
         shutil.copy2(extra, tmp / extra.name)
+
+
+def _chat_report(chat: ChatPlan) -> dict[str, Any]:
+    """The report's ``chat`` section; its warnings are logged too."""
+    for w in chat.warnings:
+        log.warning("chat: %s", w)
+    return chat.report()
 
 
 def _versions() -> dict[str, str]:
@@ -503,6 +530,7 @@ def summary(report: dict[str, Any], path: Path) -> str:
         + f". Head: {_head_summary(report)}; "
         f"{report['target']['embedding_rows']} rows ({report['target']['dtype']}). "
         f"Took {report['timings']['total_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB. Wrote {path}."
+        + chat_summary(report.get("chat"))
     )
 
 
