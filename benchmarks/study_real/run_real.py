@@ -378,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx["shards_source"] = stage_shards(a, "source", source, docs, ctx["dev"])
     ctx["info_source"] = json.loads((ctx["shards_source"] / "done.json").read_text())
     if any(r.init != SOURCE for r in runs):
+        committed = REPO / "benchmarks" / "assets" / "helper-de-600"
+        if not (helper / "helper_report.json").exists() and (committed / "helper_report.json").exists():
+            log.info("helper: copying the committed %s into %s", committed, helper)
+            shutil.copytree(committed, helper, dirs_exist_ok=True)
         if not (helper / "helper_report.json").exists():
             sys.exit(f"run_real.py: {helper} is missing; make it with: python benchmarks/quality/make_helper.py "
                      "--max_steps 600")
