@@ -67,6 +67,10 @@ class TransferConfig:
     mode: Literal["replace", "extend"] = "replace"
     """replace: the helper's tokenizer becomes the target's (CLP). extend: keep the source tokenizer, its ids
     and rows, and add the helper's tokens it lacks as real vocabulary after them (same family only)."""
+    new_token_logit_offset: float = 0.0
+    """Extend mode, with --calibration_text: after the calibration, move the new output rows so their logits
+    change by this many nats on average over the calibration text (negative: they take less probability from
+    the source's tokens)."""
     params: list[str] = field(default_factory=list)
     """Method parameters as key=value, e.g. --params top_k=20 temperature=0.1."""
     seed: int = 0
@@ -278,7 +282,7 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
     METHODS.get(cfg.method)  # unknown method: fail before any work
     from .vocab_extend import check_mode
 
-    check_mode(cfg.mode)
+    check_mode(cfg)
     params = parse_params(cfg.params)
     from .methods import method_params
 

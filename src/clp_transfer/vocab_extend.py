@@ -49,10 +49,12 @@ MODES = ("replace", "extend")
 _SLOW_VOCAB_FILES = ("vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
-def check_mode(mode: str) -> None:
-    """Refuse an unknown ``--mode`` before any work is done."""
-    if mode not in MODES:
-        raise ClpError(f"unknown transfer mode {mode!r}; choose one of: {', '.join(MODES)}")
+def check_mode(cfg: Any) -> None:
+    """Refuse an unknown ``--mode``, and extend-only options in replace mode, before any work is done."""
+    if cfg.mode not in MODES:
+        raise ClpError(f"unknown transfer mode {cfg.mode!r}; choose one of: {', '.join(MODES)}")
+    if cfg.mode != "extend" and getattr(cfg, "new_token_logit_offset", 0.0):
+        raise ClpError("--new_token_logit_offset applies to --mode extend only")
 
 
 @dataclass
@@ -215,6 +217,24 @@ def bpe_split(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     return parts
 
 
+def _try_add(token: str, merge: tuple[str, str], vocab: dict[str, int], ranks: dict[tuple[str, str], int],
+             new_merges: list[tuple[str, str]], dropped: dict[str, int], add: Callable[[str], None]) -> bool:
+    """Add ``token`` with the merge that forms it under ``ranks`` when one merge can; False when it arrives
+    in three or more pieces (it may become formable after later merges); parts missing drop it for good."""
+    pieces = bpe_split(token, ranks)
+    if len(pieces) != 2:
+        return False
+    x, y = pieces
+    if x not in vocab or y not in vocab:
+        dropped["merge_parts_missing"] += 1
+        return True
+    dropped["merges_rederived"] += (x, y) != merge
+    add(token)
+    ranks[(x, y)] = len(ranks)
+    new_merges.append((x, y))
+    return True
+
+
 def _merge_bpe(model: dict[str, Any], target: dict[str, Any], skip: set[str], reachable: Callable[[str], bool],
                ext: ExtendedVocab) -> None:
     """Union of BPE vocabularies; the source merges, then one merge for each new token (in place).
@@ -222,8 +242,10 @@ def _merge_bpe(model: dict[str, Any], target: dict[str, Any], skip: set[str], re
     The new tokens are taken in the target's merge order. Each gets the merge that actually forms it under the
     merges so far - source first - which is the target's own merge unless the source merges split its text
     differently (then the two pieces the merged model ends up with; counted as ``merges_rederived``). A token
-    that the merges so far leave in three or more pieces could only be formed through intermediate tokens the
-    helper does not have: it is left out (``no_single_merge``), as is one whose pieces are not in the union
+    that the merges so far leave in three or more pieces is tried again after all others (repeatedly, while
+    that adds tokens: a later merge may have joined two of its pieces); one still in three or more pieces
+    could only form through intermediate tokens the helper has no row for, so it is left out
+    (``no_single_merge``), as is one whose pieces are not in the union
     (``merge_parts_missing``) or that the source's pre-tokenizer never hands over whole (``unreachable``).
     """
     for key in ("continuing_subword_prefix", "end_of_word_suffix"):
@@ -255,6 +277,7 @@ def _merge_bpe(model: dict[str, Any], target: dict[str, Any], skip: set[str], re
         else:
             dropped["unreachable"] += 1
     new_merges: list[tuple[str, str]] = []
+    pending = []  # tokens left in 3+ pieces: a later merge may join two of them, so they get further passes
     for a, b in t_merges:
         token = a + b
         if token in vocab or token in skip or token not in t_vocab:
@@ -262,18 +285,14 @@ def _merge_bpe(model: dict[str, Any], target: dict[str, Any], skip: set[str], re
         if not reachable(token):
             dropped["unreachable"] += 1
             continue
-        pieces = bpe_split(token, ranks)
-        if len(pieces) != 2:
-            dropped["no_single_merge"] += 1
-            continue
-        x, y = pieces
-        if x not in vocab or y not in vocab:
-            dropped["merge_parts_missing"] += 1
-            continue
-        dropped["merges_rederived"] += (x, y) != (a, b)
-        add(token)
-        ranks[(x, y)] = len(ranks)
-        new_merges.append((x, y))
+        if not _try_add(token, (a, b), vocab, ranks, new_merges, dropped, add):
+            pending.append((token, (a, b)))
+    while pending:
+        still = [(t, m) for t, m in pending if not _try_add(t, m, vocab, ranks, new_merges, dropped, add)]
+        if len(still) == len(pending):
+            break
+        pending = still
+    dropped["no_single_merge"] = len(pending)
     as_strings = bool(merges) and isinstance(merges[0], str)
     model["merges"] = list(merges) + [f"{x} {y}" if as_strings else [x, y] for x, y in new_merges]
     ext.dropped = dropped
@@ -412,16 +431,21 @@ def _assemble(source: Any, new: Any, rows: int, v_s: int) -> Any:
 
 def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: Any, new_ids: list[int],
                         strength: float) -> tuple[Any, Any, dict[str, Any]]:
-    """Output calibration of the new rows only (source rows stay bit-for-bit) on the extended head."""
+    """Output calibration of the new rows only (source rows stay bit-for-bit) on the extended head, then the
+    optional ``new_token_logit_offset``: every new row [d] += offset * u, u [d] the bias direction of the
+    calibration hidden states (:func:`clp_transfer.methods.bias_direction`)."""
     import torch
 
-    from .methods import calibrate_frequencies
+    from .methods import bias_direction, calibrate_frequencies
     from .transfer import calibration_statistics
 
     hidden, counts = calibration_statistics(src_path, inp, ext_tok, cfg.calibration_text, cfg.calibration_tokens,
                                             cfg.calibration_count_bytes, trust_remote_code=cfg.trust_remote_code)
     rows = torch.tensor(new_ids, dtype=torch.long)
     head, shift = calibrate_frequencies(out if out is not None else inp, hidden, counts, rows, strength)
+    offset = float(getattr(cfg, "new_token_logit_offset", 0.0))
+    if offset:
+        head[rows] += offset * bias_direction(hidden)[None, :]
     base = out if out is not None else inp  # tied: input and output are one matrix
     head = head.to(base.dtype)
     head[: new_ids[0]] = base[: new_ids[0]]  # the source rows, untouched by the float32 round trip
@@ -431,7 +455,7 @@ def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: A
         inp = head
     info = {"applied": True, "positions": int(hidden.shape[0]), "counted_tokens": int(counts.sum()),
             "rows_shifted": len(new_ids), "mean_abs_shift": float(shift[rows].abs().mean()),
-            "mean_shift_new": float(shift[rows].mean())}
+            "mean_shift_new": float(shift[rows].mean()), "logit_offset": offset}
     return inp, out, info
 
 
@@ -492,6 +516,9 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
     timings["compute_s"] = time.perf_counter() - t
     full_params = method_params(cfg.method, params)
     calibration: dict[str, Any] | None = None
+    if cfg.new_token_logit_offset and not (spec.wants_calibration(full_params) and cfg.calibration_text):
+        raise ClpError("--new_token_logit_offset needs the output calibration (a calibrating method such as clp "
+                       "and --calibration_text): the offset is measured on the calibration text's hidden states")
     if spec.wants_calibration(full_params):
         if cfg.calibration_text is None:
             log.warning("method %r calibrates the new output rows to target-text token frequencies, but no "
