@@ -318,3 +318,23 @@ def test_extend_bad_inputs_fail_clearly_and_write_nothing(tmp_path, model_factor
     assert cli(["transfer", "--source", src, "--helper", hlp, "--output", str(out), "--mode", "extend",
                 "--method", "fvt"]) == 0
     assert json.loads((out / "transfer_report.json").read_text())["mode"] == "extend"
+
+
+def test_new_token_logit_offset_moves_only_the_new_rows_along_one_direction(tmp_path, model_factory,
+                                                                              calibration_file):
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    runs = {b: transfer(str(src_dir), str(hlp_dir), str(tmp_path / f"o{b}"), mode="extend",
+                        calibration_text=calibration_file, new_token_logit_offset=b) for b in (0.0, -2.0)}
+    key = "transformer.wte.weight"
+    a, b = tensors(runs[0.0].path)[key], tensors(runs[-2.0].path)[key]
+    v_s, new = runs[0.0].report["source"]["vocab_size"], runs[0.0].report["new_token_ids"]
+    assert torch.equal(a[:v_s], b[:v_s])
+    delta = b[new] - a[new]  # [N, d]: the same vector -2 * u for every new row
+    assert delta.norm(dim=1).min() > 0
+    torch.testing.assert_close(delta, delta[:1].expand_as(delta), atol=1e-5, rtol=0)
+    assert runs[-2.0].report["new_rows"]["calibration"]["logit_offset"] == -2.0
+    with pytest.raises(ClpError, match="needs the output calibration"):
+        transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), mode="extend", new_token_logit_offset=-1.0)
+    with pytest.raises(ClpError, match="extend only"):
+        transfer(str(src_dir), str(hlp_dir), str(tmp_path / "y"), new_token_logit_offset=-1.0)
