@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -66,6 +66,13 @@ class TransferConfig:
     """Tokenizer of the helper when it is not stored with the helper model."""
     method: str = "clp"
     """Initialisation of the new tokens' rows (see `clp-transfer transfer --list-methods`)."""
+    mode: Literal["replace", "extend"] = "replace"
+    """replace: the helper's tokenizer becomes the target's (CLP). extend: keep the source tokenizer, its ids
+    and rows, and add the helper's tokens it lacks as real vocabulary after them (same family only)."""
+    new_token_logit_offset: float = 0.0
+    """Extend mode, with --calibration_text: after the calibration, move the new output rows so their logits
+    change by this many nats on average over the calibration text (negative: they take less probability from
+    the source's tokens)."""
     params: list[str] = field(default_factory=list)
     """Method parameters as key=value, e.g. --params top_k=20 temperature=0.1."""
     seed: int = 0
@@ -303,6 +310,9 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     METHODS.get(cfg.method)  # unknown method: fail before any work
+    from .vocab_extend import check_mode
+
+    check_mode(cfg)
     params = parse_params(cfg.params)
     from .methods import method_params
 
@@ -339,6 +349,11 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         raise ClpError(
             f"the source tokenizer has {len(source_vocab)} tokens but its embeddings only {e_s.shape[0]} rows"
         )
+
+    if cfg.mode == "extend":
+        from .vocab_extend import run_extend
+
+        return run_extend(cfg, src, hlp, src_tok, tgt_tok, src_ckpt, keys, e_s, o_s, e_h, timings, t0)
 
     # --- match vocabularies
     t = time.perf_counter()
