@@ -232,8 +232,12 @@ def train_skipgram(cfg: SpaceConfig, sentences: list[list[int]], vocab_size: int
     in the text that was actually trained on, stats dict). Rows of tokens that were never trained are zero.
     """
     import torch
-    from gensim.models import Word2Vec
     from tqdm.auto import tqdm
+
+    try:
+        from gensim.models import Word2Vec
+    except ImportError:
+        raise ClpError("helper spaces need the 'gensim' package: pip install 'clp-transfer[textspace]'") from None
 
     names = [str(i) for i in range(vocab_size)]  # one shared str object per id: sentences hold references
     words = [[names[t] for t in s] for s in sentences]
@@ -383,7 +387,7 @@ def build_helper_space(config: SpaceConfig) -> Path:
 
 
 def _versions() -> dict[str, str]:
-    import gensim
+    import gensim  # noqa: F811 - present: the training imported it
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "gensim": gensim.__version__}
