@@ -161,6 +161,23 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def spaces(budgets, results: dict, calib: Path, tokenizer: Path, work: Path, source: Path, splits: dict,
+           threads: int, save) -> None:
+    """Build a text space at each budget (CPU minutes) and score clp (default parameters) on it."""
+    for minutes in budgets:
+        log(f"building a text space, {minutes} CPU minutes")
+        path = work / f"space-{minutes:g}"
+        report = build_space(calib, tokenizer, path, minutes, threads)
+        entry = {"cpu_minutes_budget": minutes, "cpu_minutes_measured": round(report["measured_cpu_seconds"] / 60, 3),
+                 "wall_seconds": report["wall_seconds"], "training": report["training"], "vectors": report["vectors"],
+                 **space_stats(path), "path": str(path)}
+        log(f"space {minutes:g}: {entry['cpu_minutes_measured']} CPU min, {report['training']['epochs']} epochs, "
+            f"{report['vectors']}")
+        entry["clp"] = transfer_and_score(f"clp / text space {minutes:g} CPU-min", source, path, work, splits, calib)
+        results["text_spaces"].append(entry)
+        save()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
@@ -171,7 +188,11 @@ def main() -> None:
                    "row checks that it is the helper's")
     p.add_argument("--wait-minutes", type=float, default=90, help="wait this long for helper-de to be complete")
     p.add_argument("--no-lm", action="store_true", help="skip the helper LM row (smoke tests)")
+    p.add_argument("--late-budgets", type=float, nargs="*", default=[], help="CPU minutes of spaces built after "
+                   "the helper LM row (long builds last, so the other rows are in even if time runs out)")
     p.add_argument("--helper-cpu-minutes", type=float, default=None, help="measured CPU minutes of make_helper.py")
+    p.add_argument("--helper-cpu-log", default=None, help="file of '/proc/PID/stat' samples of make_helper.py: "
+                   "'epoch utime stime cutime cstime' in clock ticks; its last line gives the helper's CPU time")
     p.add_argument("--source-test-bpb", type=float, default=None, help="the source's own bpb on test (for the plot)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-focus", action="store_true")
@@ -199,18 +220,8 @@ def main() -> None:
 
     # 1. text spaces at each budget, clp with default parameters
     budgets = list(dict.fromkeys(args.budgets + ([args.sweep_budget] if args.sweep else [])))
-    for minutes in budgets:
-        log(f"building a text space, {minutes} CPU minutes")
-        path = work / f"space-{minutes:g}"
-        report = build_space(calib, tokenizer, path, minutes, args.threads)
-        entry = {"cpu_minutes_budget": minutes, "cpu_minutes_measured": round(report["measured_cpu_seconds"] / 60, 3),
-                 "wall_seconds": report["wall_seconds"], "training": report["training"], "vectors": report["vectors"],
-                 **space_stats(path), "path": str(path)}
-        log(f"space {minutes:g}: {entry['cpu_minutes_measured']} CPU min, {report['training']['epochs']} epochs, "
-            f"{report['vectors']}")
-        entry["clp"] = transfer_and_score(f"clp / text space {minutes:g} CPU-min", source, path, work, splits, calib)
-        results["text_spaces"].append(entry)
-        save()
+    spaces(budgets, results, calib, tokenizer, work, source, splits, args.threads, save)
+
 
     # 2. dev-only temperature sweep on one space; test rows with the dev choice if it is not the default
     if args.sweep:
@@ -236,6 +247,7 @@ def main() -> None:
     if not args.no_lm:
         results["helper_lm"] = lm_row(args, helper, tokenizer, source, work, splits, calib)
         save()
+    spaces(args.late_budgets, results, calib, tokenizer, work, source, splits, args.threads, save)
     plot(results, Path(args.plot))
     log(f"wrote {args.output} and {args.plot}")
 
@@ -251,7 +263,13 @@ def lm_row(args, helper: Path, tokenizer: Path, source: Path, work: Path, splits
     same = AutoTokenizer.from_pretrained(helper).backend_tokenizer.to_str() == \
         AutoTokenizer.from_pretrained(tokenizer).backend_tokenizer.to_str()
     log(f"helper LM ready; its tokenizer is {'identical to' if same else 'DIFFERENT from'} the spaces' tokenizer")
-    lm = {"cpu_minutes": args.helper_cpu_minutes, "same_tokenizer_as_spaces": same,
+    cpu = args.helper_cpu_minutes
+    if args.helper_cpu_log:
+        time.sleep(10)  # the sampler's last line comes from just before the process ended
+        ticks = [int(x) for x in Path(args.helper_cpu_log).read_text().split("\n")[-2].split()[1:5]]
+        cpu = round(sum(ticks) / os.sysconf("SC_CLK_TCK") / 60, 2)
+    lm = {"cpu_minutes": cpu, "cpu_minutes_source": "--helper-cpu-log" if args.helper_cpu_log else "--helper-cpu-minutes",
+          "same_tokenizer_as_spaces": same,
           "report_training": json.loads((helper / "helper_report.json").read_text())["training"]}
     lm["report_training"].pop("loss_history", None)
     lm["clp"] = transfer_and_score("clp / helper LM", source, helper, work, splits, calib)
