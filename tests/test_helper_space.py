@@ -157,7 +157,7 @@ def test_cli_builds_a_space_with_a_given_tokenizer(tmp_path, model_factory, fixt
 
 
 @pytest.mark.parametrize("case", ["no_target_token", "empty_text", "tiny_vocab", "only_special", "mixed_flags",
-                                  "stray_model_flag", "both_helpers", "no_helper"])
+                                  "stray_model_flag", "stray_space_flag", "both_helpers", "no_helper"])
 def test_bad_input_fails_clearly(tmp_path, case, capsys, fixtures_dir, model_factory):
     german = str(fixtures_dir / "german.txt")
     out = tmp_path / "out"
@@ -180,6 +180,9 @@ def test_bad_input_fails_clearly(tmp_path, case, capsys, fixtures_dir, model_fac
         argv, expect = [*base, "--text", german, "--cpu_minutes", "1"], "either --cpu_minutes or --epochs"
     elif case == "stray_model_flag":
         argv, expect = [*base, "--text", german, "--hidden_size", "64"], "--hidden_size does not apply"
+    elif case == "stray_space_flag":
+        argv = ["helper", "--text", german, "--output_dir", str(out), "--cpu_minutes", "1"]
+        expect = "--cpu_minutes does not apply to --kind model"
     elif case == "both_helpers":
         src = model_factory("gpt2", "en")
         argv = ["transfer", "--source", str(src), "--helper", str(src), "--helper_text", german, "--output", str(out)]
@@ -187,6 +190,7 @@ def test_bad_input_fails_clearly(tmp_path, case, capsys, fixtures_dir, model_fac
     else:
         src = model_factory("gpt2", "en")
         argv, expect = ["transfer", "--source", str(src), "--output", str(out)], "--helper (or --helper_text)"
+    capsys.readouterr()  # drop what building the fixtures printed
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert expect in err and "Traceback" not in err

@@ -161,6 +161,35 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/research.md from the JSON."""
+    lines = ["| helper space | build CPU-min | epochs | trained / from pieces / zero | dev bpb | test bpb | "
+             "test loss new / shared |", "|---|---:|---:|---|---:|---:|---|"]
+
+    def cells(row: dict) -> str:
+        t = row["test"]
+        cls = f"{t['loss_new']:.2f} / {t['loss_shared']:.2f}" if "loss_new" in t else ""
+        return f"{row['dev']['bits_per_byte']:.4f} | {t['bits_per_byte']:.4f} | {cls}"
+
+    for s in sorted(results["text_spaces"], key=lambda s: s["cpu_minutes_measured"]):
+        v = s["vectors"]
+        lines.append(f"| `clp`, text space {s['cpu_minutes_budget']:g} CPU-min | {s['cpu_minutes_measured']:.2f} | "
+                     f"{s['training']['epochs']:.1f} | {v['trained']} / {v['from_pieces']} / {v['zero']} | "
+                     f"{cells(s['clp'])} |")
+    lm = results.get("helper_lm")
+    if lm:
+        cpu = f"{lm['cpu_minutes']:.1f}" if lm.get("cpu_minutes") else "?"
+        lines.append(f"| `clp`, helper LM ({lm['report_training']['steps']} steps) | {cpu} | "
+                     f"{lm['report_training']['epochs']:.2f} | (LM input embeddings) | {cells(lm['clp'])} |")
+    for name, row in results["peers"].items():
+        if "test" not in row:
+            continue
+        cpu = f"{row['build_cpu_seconds'] / 60:.2f}" if "build_cpu_seconds" in row else "0"
+        what = "FOCUS (own fastText space, 3 epochs), uncalibrated" if name == "focus" else "`fvt` (no space), uncalibrated"
+        lines.append(f"| {what} | {cpu} | | | {cells(row)} |")
+    return "\n".join(lines)
+
+
 def spaces(budgets, results: dict, calib: Path, tokenizer: Path, work: Path, source: Path, splits: dict,
            threads: int, save) -> None:
     """Build a text space at each budget (CPU minutes) and score clp (default parameters) on it."""
@@ -200,7 +229,13 @@ def main() -> None:
     p.add_argument("--work", default=None, help="scratch directory (default: <cache>/work-text-space)")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_text_space.json"))
     p.add_argument("--plot", default=str(REPO / "docs" / "text_space.png"))
+    p.add_argument("--report", action="store_true", help="only print the table and redraw the plot from --output")
     args = p.parse_args()
+    if args.report:
+        results = json.loads(Path(args.output).read_text())
+        plot(results, Path(args.plot))
+        print(table(results))
+        return
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     source, helper = cache / "smollm2-135m", cache / "helper-de"

@@ -13,6 +13,9 @@ builds one from text files:
    elapsed time, so it reaches its floor when the budget runs out;
 5. write model (safetensors), tokenizer and ``helper_report.json`` into a temporary directory and rename it
    into place.
+
+``--kind embeddings`` builds a helper *space* instead - the tokenizer plus skip-gram token vectors, in
+minutes (:mod:`clp_transfer.helper_space`); ``transfer --helper`` takes either.
 """
 
 from __future__ import annotations
