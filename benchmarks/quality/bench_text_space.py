@@ -64,9 +64,19 @@ def transfer_and_score(name: str, source: Path, helper: Path, work: Path, splits
     return row
 
 
-def build_space(text: Path, tokenizer: Path, out: Path, minutes: float, threads: int) -> dict:
+def build_space(text: Path, tokenizer: Path, out: Path, minutes: float, threads: int, reuse: bool = False) -> dict:
     from clp_transfer.helper_space import SpaceConfig, build_helper_space
 
+    if reuse and (out / "helper_space.json").is_file():
+        # Built beforehand by `clp-transfer helper --kind embeddings` with the same settings (see --append).
+        report = json.loads((out / "helper_space.json").read_text())
+        c = report["config"]
+        if (c["cpu_minutes"], c["tokenizer"], c["text"], c["num_threads"]) != (minutes, str(tokenizer), [str(text)],
+                                                                                threads):
+            sys.exit(f"{out} was built with other settings: {c}")
+        report["measured_cpu_seconds"] = report["cpu_seconds"]  # the build's own process-time count
+        report["reused"] = True
+        return report
     c = cpu_seconds()
     build_helper_space(SpaceConfig(text=[str(text)], output_dir=str(out), tokenizer=str(tokenizer),
                                    cpu_minutes=minutes, num_threads=threads, overwrite=True))
@@ -191,15 +201,15 @@ def table(results: dict) -> str:
 
 
 def spaces(budgets, results: dict, calib: Path, tokenizer: Path, work: Path, source: Path, splits: dict,
-           threads: int, save) -> None:
+           threads: int, save, reuse: bool = False) -> None:
     """Build a text space at each budget (CPU minutes) and score clp (default parameters) on it."""
     for minutes in budgets:
         log(f"building a text space, {minutes} CPU minutes")
         path = work / f"space-{minutes:g}"
-        report = build_space(calib, tokenizer, path, minutes, threads)
+        report = build_space(calib, tokenizer, path, minutes, threads, reuse)
         entry = {"cpu_minutes_budget": minutes, "cpu_minutes_measured": round(report["measured_cpu_seconds"] / 60, 3),
                  "wall_seconds": report["wall_seconds"], "training": report["training"], "vectors": report["vectors"],
-                 **space_stats(path), "path": str(path)}
+                 **space_stats(path), "path": str(path), "reused_prebuilt": bool(report.get("reused"))}
         log(f"space {minutes:g}: {entry['cpu_minutes_measured']} CPU min, {report['training']['epochs']} epochs, "
             f"{report['vectors']}")
         entry["clp"] = transfer_and_score(f"clp / text space {minutes:g} CPU-min", source, path, work, splits, calib)
@@ -229,6 +239,8 @@ def main() -> None:
     p.add_argument("--work", default=None, help="scratch directory (default: <cache>/work-text-space)")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_text_space.json"))
     p.add_argument("--plot", default=str(REPO / "docs" / "text_space.png"))
+    p.add_argument("--append", action="store_true", help="add spaces at --budgets to the results in --output, "
+                   "taking spaces already built in <work>/space-B (same settings) as they are; nothing else runs")
     p.add_argument("--report", action="store_true", help="only print the table and redraw the plot from --output")
     args = p.parse_args()
     if args.report:
@@ -252,6 +264,13 @@ def main() -> None:
     def save() -> None:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+    if args.append:
+        results = json.loads(Path(args.output).read_text())
+        spaces(args.budgets, results, calib, tokenizer, work, source, splits, args.threads, save, reuse=True)
+        plot(results, Path(args.plot))
+        log(f"wrote {args.output} and {args.plot}")
+        return
 
     # 1. text spaces at each budget, clp with default parameters
     budgets = list(dict.fromkeys(args.budgets + ([args.sweep_budget] if args.sweep else [])))

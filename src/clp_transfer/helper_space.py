@@ -232,7 +232,6 @@ def train_skipgram(cfg: SpaceConfig, sentences: list[list[int]], vocab_size: int
     in the text that was actually trained on, stats dict). Rows of tokens that were never trained are zero.
     """
     import torch
-    from tqdm.auto import tqdm
 
     try:
         from gensim.models import Word2Vec
@@ -249,10 +248,33 @@ def train_skipgram(cfg: SpaceConfig, sentences: list[list[int]], vocab_size: int
     model.build_vocab_from_freq({names[i]: int(c) for i, c in enumerate(counts.tolist()) if c > 0})
     budget = _Budget(cfg, corpus_tokens, cpu_start)
     trained = torch.zeros(vocab_size, dtype=torch.long)
+    gensim_log = logging.getLogger("gensim")
+    level = gensim_log.level
+    gensim_log.setLevel(max(logging.WARNING, level))  # it logs every training call at INFO; the bar says enough
+    try:
+        done, calls, per_token = _train_slices(model, words, budget, trained, cfg.seed)
+    finally:
+        gensim_log.setLevel(level)
+    vectors = torch.zeros(vocab_size, cfg.dim, dtype=torch.float32)
+    seen = torch.nonzero(trained > 0).flatten()
+    if len(seen):
+        rows = [model.wv.key_to_index[names[i]] for i in seen.tolist()]
+        vectors[seen] = torch.from_numpy(model.wv.vectors[rows]).float()
+    stats = {"tokens_trained": done, "epochs": round(done / max(1, corpus_tokens), 3), "training_calls": calls,
+             "threads": threads, "tokens_per_cpu_second": round(1 / per_token) if per_token else None}
+    return vectors, trained, stats
+
+
+def _train_slices(model, words: list[list[str]], budget: _Budget, trained, seed: int) -> tuple[int, int, float | None]:
+    """Train ``model`` slice by slice until the budget is spent; count trained occurrences into ``trained``."""
+    import torch
+    from tqdm.auto import tqdm
+
+    vocab_size = trained.shape[0]
     done, calls, per_token = 0, 0, None
     unit, total = ("CPU s", round(budget.cpu_s)) if budget.cpu_s else ("tokens", budget.total_tokens)
     bar = tqdm(total=total, desc="skip-gram", unit=unit, leave=False)
-    for batch, n in _slices(words, cfg.seed):
+    for batch, n in _slices(words, seed):
         p0 = budget.progress(done)
         if calls and p0 >= 1.0:  # at least one slice, however small the budget
             break
@@ -271,14 +293,7 @@ def train_skipgram(cfg: SpaceConfig, sentences: list[list[int]], vocab_size: int
         calls += 1
         bar.update(round(budget.cpu_used()) - bar.n if budget.cpu_s else n)
     bar.close()
-    vectors = torch.zeros(vocab_size, cfg.dim, dtype=torch.float32)
-    seen = torch.nonzero(trained > 0).flatten()
-    if len(seen):
-        rows = [model.wv.key_to_index[names[i]] for i in seen.tolist()]
-        vectors[seen] = torch.from_numpy(model.wv.vectors[rows]).float()
-    stats = {"tokens_trained": done, "epochs": round(done / max(1, corpus_tokens), 3), "training_calls": calls,
-             "threads": threads, "tokens_per_cpu_second": round(1 / per_token) if per_token else None}
-    return vectors, trained, stats
+    return done, calls, per_token
 
 
 def _truncate(batch: list[list[str]], n: int) -> tuple[list[list[str]], int]:
