@@ -140,18 +140,16 @@ def plot(results: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     spaces = results["text_spaces"]
-    for key, label, style in (("clp", "clp on a text space (default parameters)", "o-"),
-                              ("clp_dev_temperature", "clp on a text space (temperature chosen on dev)", "s--")):
-        pts = [(s["cpu_minutes_measured"], s[key]["test"]["bits_per_byte"]) for s in spaces if key in s]
+    for split, style in (("test", "o-"), ("dev", "o--")):
+        pts = sorted((s["cpu_minutes_measured"], s["clp"][split]["bits_per_byte"]) for s in spaces if split in s["clp"])
         if pts:
-            ax.plot(*zip(*pts), style, label=label)
+            ax.plot(*zip(*pts), style, color="C0", alpha=1.0 if split == "test" else 0.5,
+                    label=f"clp on a text space ({split})")
     lm = results.get("helper_lm")
-    if not lm:
-        pass
-    elif lm.get("cpu_minutes"):
-        ax.plot([lm["cpu_minutes"]], [lm["clp"]["test"]["bits_per_byte"]], "r*", ms=14, label="clp on the helper LM")
-    else:
-        ax.axhline(lm["clp"]["test"]["bits_per_byte"], color="r", ls=":", label="clp on the helper LM")
+    for split, marker in (("test", "r*"), ("dev", "m*")):
+        if lm and split in lm["clp"] and lm.get("cpu_minutes"):
+            ax.plot([lm["cpu_minutes"]], [lm["clp"][split]["bits_per_byte"]], marker, ms=14,
+                    label=f"clp on the helper LM ({split})")
     for name, color in (("focus", "g"), ("fvt", "k")):
         row = results["peers"].get(name)
         if row and "test" in row:
@@ -177,6 +175,8 @@ def table(results: dict) -> str:
              "test loss new / shared |", "|---|---:|---:|---|---:|---:|---|"]
 
     def cells(row: dict) -> str:
+        if "test" not in row:
+            return f"{row['dev']['bits_per_byte']:.4f} | (not measured) | "
         t = row["test"]
         cls = f"{t['loss_new']:.2f} / {t['loss_shared']:.2f}" if "loss_new" in t else ""
         return f"{row['dev']['bits_per_byte']:.4f} | {t['bits_per_byte']:.4f} | {cls}"
