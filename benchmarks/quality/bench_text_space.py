@@ -160,8 +160,9 @@ def plot(results: dict, path: Path) -> None:
     if src:
         ax.axhline(src, color="gray", ls="--", lw=1, label="source, own tokenizer")
     ax.set_xscale("symlog", linthresh=0.5)
+    ax.set_xlim(-0.05, 60)
     ax.set_xlabel("CPU minutes to build the helper space (2 threads)")
-    ax.set_ylabel("bits per byte, test, step 0")
+    ax.set_ylabel("bits per byte at step 0")
     ax.set_title("SmolLM2-135M -> German 16k vocabulary: helper space vs build time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
