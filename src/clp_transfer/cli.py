@@ -28,7 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("clp_transfer.evaluate", "downstream tasks through lm-evaluation-harness"),
     "make-tasks": ("clp_transfer.tasks", "build local lm-eval tasks from your own text and word pairs"),
     "compare": ("clp_transfer.compare", "print and plot several models' results side by side"),
-    "helper": ("clp_transfer.helper", "train a small target-language helper model (tokenizer + LM) from text"),
+    "helper": ("clp_transfer.helper", "train a small target-language helper (tokenizer + LM, or --kind embeddings: token vectors) from text"),
     "demo": ("clp_transfer.demo", "the whole pipeline offline on a real English model"),
 }
 

@@ -13,6 +13,9 @@ builds one from text files:
    elapsed time, so it reaches its floor when the budget runs out;
 5. write model (safetensors), tokenizer and ``helper_report.json`` into a temporary directory and rename it
    into place.
+
+``--kind embeddings`` builds a helper *space* instead - the tokenizer plus skip-gram token vectors, in
+minutes (:mod:`clp_transfer.helper_space`); ``transfer --helper`` takes either.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ class HelperConfig:
     max_steps: int | None = None
     """Stop after this many optimiser steps (whichever of steps and time budget comes first)."""
     epochs: float = 1.0
-    """Passes over the text, used only when neither max_steps nor time_budget_minutes is given."""
+    """Passes over the text, used only when neither max_steps nor time_budget_minutes is given (--kind
+    embeddings: skip-gram passes instead of the default CPU budget, --cpu_minutes 3)."""
     logging_steps: int = 50
     """Log the training loss every this many steps (also the window of the reported final loss)."""
     num_threads: int | None = None
@@ -449,13 +453,37 @@ def summary(report: dict[str, Any], path: Path) -> str:
 # ------------------------------------------------------------------------------------------------- CLI
 
 
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    from .helper_space import SpaceConfig
+
+    parser.add_argument("--kind", choices=["model", "embeddings"], default="model",
+                        help="model: tokenizer + small causal LM (default); embeddings: tokenizer + skip-gram "
+                             "token vectors, a helper space built in minutes (clp_transfer.helper_space)")
     add_dataclass_arguments(parser, HelperConfig)
+    group = parser.add_argument_group("--kind embeddings only")
+    add_dataclass_arguments(group, SpaceConfig, skip=tuple(_fields(HelperConfig)))
     parser.add_argument("--config", dest="config_file", default=None,
                         help="YAML file with HelperConfig fields (flags given on the command line win)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    from . import helper_space
+
+    given = set(vars(args)) - {"kind", "config_file"}
+    own, other = (_fields(helper_space.SpaceConfig), _fields(HelperConfig))
+    if args.kind == "model":
+        own, other = other, own
+    stray = sorted(given & (other - own))
+    if stray:
+        raise ClpError(f"--{stray[0]} does not apply to --kind {args.kind}")
+    if args.kind == "embeddings":
+        if getattr(args, "config_file", None):
+            raise ClpError("--config applies to --kind model only")
+        return helper_space.cli_main(args)
     cfg_file = getattr(args, "config_file", None)
     if not cfg_file:
         missing = [f"--{n}" for n in ("text", "output_dir") if not hasattr(args, n)]

@@ -58,10 +58,18 @@ class TransferConfig:
 
     source: str
     """Source model: local HF directory, hub id or .gguf file (large, other language)."""
-    helper: str
-    """Helper model in the target language (small); its tokenizer becomes the target tokenizer."""
     output: str
     """Output directory for the target model."""
+    helper: str | None = None
+    """Helper model in the target language (small), or a helper space directory (`clp-transfer helper --kind
+    embeddings`); its tokenizer becomes the target tokenizer. Not needed with --helper_text."""
+    helper_text: list[str] = field(default_factory=list)
+    """Instead of --helper: target-language text files from which a helper space (skip-gram token vectors) is
+    built on the fly, for --target_tokenizer or for a tokenizer trained on the text (clp_transfer.helper_space)."""
+    target_tokenizer: str | None = None
+    """With --helper_text: the target tokenizer (default: train a 16k byte-level BPE on the text)."""
+    helper_text_cpu_minutes: float | None = None
+    """With --helper_text: CPU-time budget of building the space (default 3)."""
     helper_tokenizer: str | None = None
     """Tokenizer of the helper when it is not stored with the helper model."""
     method: str = "clp"
@@ -261,7 +269,7 @@ def _peak_rss_mb() -> float:
 
 def transfer(
     source: str,
-    helper: str,
+    helper: str | None,
     output: str,
     method: str = "clp",
     helper_tokenizer: str | None = None,
@@ -297,11 +305,40 @@ def validate_transfer_config(cfg: TransferConfig) -> None:
                        "of target text")
 
 
+def _helper_space(cfg: TransferConfig):
+    """The helper space of this transfer (built from --helper_text, or a helper space directory), else None."""
+    from . import helper_space
+
+    if cfg.helper_text:
+        if cfg.helper:
+            raise ClpError("give either --helper or --helper_text, not both")
+        if cfg.helper_tokenizer:
+            raise ClpError("--helper_tokenizer goes with --helper; with --helper_text use --target_tokenizer")
+        return helper_space.space_from_text(cfg.helper_text, cfg.target_tokenizer, cfg.helper_text_cpu_minutes,
+                                            seed=cfg.seed)
+    if cfg.target_tokenizer or cfg.helper_text_cpu_minutes is not None:
+        raise ClpError("--target_tokenizer and --helper_text_cpu_minutes go with --helper_text FILES")
+    if not cfg.helper:
+        raise ClpError("give a helper: --helper MODEL_OR_SPACE, or --helper_text FILES to build one from text")
+    if helper_space.is_helper_space(cfg.helper):
+        if cfg.helper_tokenizer:
+            raise ClpError("a helper space carries its own tokenizer; leave out --helper_tokenizer")
+        return helper_space.load_helper_space(cfg.helper)
+    return None
+
+
+def _space_report(report: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": report.get("kind"), "cpu_seconds": report.get("cpu_seconds"),
+            "training": report.get("training"), "vectors": report.get("vectors"),
+            "tokenizer": report.get("tokenizer"), "data_bytes": report.get("data", {}).get("bytes")}
+
+
 def run_transfer(cfg: TransferConfig) -> TransferResult:
     """Check the flags, claim the output (refused when it overlaps an input; locked against a second run),
     then build the target model; see the module docstring."""
     validate_transfer_config(cfg)
-    inputs = [cfg.source, cfg.helper, cfg.helper_tokenizer, cfg.calibration_text]
+    inputs = [cfg.source, cfg.helper, cfg.helper_tokenizer, cfg.calibration_text, cfg.target_tokenizer,
+              *(cfg.helper_text or [])]
     with claim_output(cfg.output, cfg.overwrite, inputs):
         return _run_transfer(cfg)
 
@@ -320,10 +357,13 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
     out_path = check_output_path(cfg.output, cfg.overwrite)
 
     src = resolve_model(cfg.source, "source model", cfg.allow_pickle, cfg.trust_remote_code)
-    hlp = resolve_model(cfg.helper, "helper model", cfg.allow_pickle, cfg.trust_remote_code)
+    space = _helper_space(cfg)  # None for a helper model
+    hlp = ModelFiles(space.path, cfg.helper or "text", "helper_space") if space else resolve_model(
+        cfg.helper, "helper model", cfg.allow_pickle, cfg.trust_remote_code)
     check_disjoint(cfg.output, [src.path, hlp.path])  # what hub ids and .gguf files resolved to
     src_tok = load_tokenizer(src.path, cfg.trust_remote_code, "source model")
-    tgt_tok = load_tokenizer(cfg.helper_tokenizer or hlp.path, cfg.trust_remote_code, "helper model")
+    tgt_tok = space.tokenizer if space else load_tokenizer(cfg.helper_tokenizer or hlp.path, cfg.trust_remote_code,
+                                                           "helper model")
     timings["resolve_s"] = time.perf_counter() - t0
 
     # --- read only the embedding matrices
@@ -332,10 +372,12 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
     keys = find_embedding_keys(src.path, src_ckpt, cfg.trust_remote_code)
     e_s = src_ckpt.get(keys.input)
     o_s = src_ckpt.get(keys.output) if keys.output and not keys.tied else None
-    hlp_ckpt = SafetensorsCheckpoint(hlp.path)
-    hlp_keys = find_embedding_keys(hlp.path, hlp_ckpt, cfg.trust_remote_code)
     spec = METHODS.get(cfg.method)
-    e_h = hlp_ckpt.get(hlp_keys.input)
+    if space is None:
+        hlp_ckpt = SafetensorsCheckpoint(hlp.path)
+        e_h = hlp_ckpt.get(find_embedding_keys(hlp.path, hlp_ckpt, cfg.trust_remote_code).input)
+    else:
+        e_h = space.vectors
     timings["read_embeddings_s"] = time.perf_counter() - t
 
     source_vocab = VocabInfo.from_tokenizer(src_tok)
@@ -414,7 +456,8 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
                    "tied": keys.tied},
         "helper": {"origin": hlp.origin, "kind": hlp.kind, "embedding_rows": int(problem.helper_input.shape[0])
                    if problem.helper_input is not None else None, "tokenizer": cfg.helper_tokenizer or hlp.origin,
-                   "tokenizer_style": target_vocab.style.value},
+                   "tokenizer_style": target_vocab.style.value,
+                   **({"space": _space_report(space.report)} if space else {})},
         "target": {"vocab_size": len(target_vocab), "added_control_tokens": len(chat.new_tokens),
                    "embedding_rows": rows, "padded_to_multiple_of": multiple,
                    "dtype": str(e_s.dtype).replace("torch.", ""), "tied": keys.tied},
@@ -564,7 +607,9 @@ def cli_main(args: argparse.Namespace) -> int:
             defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
             print(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
         return 0
-    missing = [f"--{n}" for n in ("source", "helper", "output") if not hasattr(args, n)]
+    missing = [f"--{n}" for n in ("source", "output") if not hasattr(args, n)]
+    if not hasattr(args, "helper") and not hasattr(args, "helper_text"):
+        missing.append("--helper (or --helper_text)")
     if missing:
         raise ClpError(f"missing required flags: {' '.join(missing)}")
     cfg = build_config(TransferConfig, args)
