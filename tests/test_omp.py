@@ -260,7 +260,7 @@ def test_calibrate_is_the_same_output_calibration_as_clp(untied):
 
 def test_bad_parameters_fail_clearly():
     p = problem()
-    for params, match in [({"k": 0}, "k >= 1"), ({"ridge": -1}, "ridge >= 0"), ({"ridge": float("nan")}, "ridge"),
+    for params, match in [({"k": 0}, "k must be >= 1"), ({"ridge": -1}, "ridge must be >= 0"), ({"ridge": float("nan")}, "ridge"),
                           ({"nonneg": "maybe"}, "true or false"), ({"kk": 3}, "no parameter 'kk'")]:
         with pytest.raises(ClpError, match=match):
             compute_target_embeddings(p, "omp", params)

@@ -700,6 +700,7 @@ class ParamRange:
 PARAM_RULES: dict[str, ParamRange | tuple[str, ...]] = {
     "temperature": ParamRange(0, low_open=True),
     "top_k": ParamRange(1),
+    "k": ParamRange(1),
     "pieces_weight": ParamRange(0, 1),
     "alpha": ParamRange(0, 1),
     "calibrate": ParamRange(0),
