@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(g['first_beats_source_kb'], 0)} | {fmt(g.get('bytes_saved_vs_cpt', mean_std([])), 0, True)} | "
               f"{fmt(g.get('flops_saved_vs_cpt', mean_std([])), 0, True)} | "
               f"{'yes' if any(g['worse_in_first_10pct']) else 'no'} | {fmt(g['tokens_per_word'], 2)} | "
-              f"{fmt({k: (v / 1e9 if isinstance(v, float) else v) for k, v in g['train_flops_per_byte'].items()}, 1)} |")
+              f"{fmt({k: (v / 1e9 if isinstance(v, float) else v) for k, v in g['train_flops_per_byte'].items()}, 3)} |")
     return 0
 
 
