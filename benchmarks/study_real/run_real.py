@@ -32,7 +32,6 @@ import argparse
 import bisect
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -44,6 +43,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "quality"))
 sys.path.insert(0, str(REPO / "benchmarks" / "study"))
+
+from data import nbytes  # noqa: E402  (benchmarks/quality/data.py)
+from run_study import read_jsonl, set_threads, write_json  # noqa: E402  (the toy study's helpers)
 
 log = logging.getLogger("study_real")
 SOURCE = "source"  # init name of the runs that train the source with its own tokenizer
@@ -95,30 +97,6 @@ RUN_BY_NAME = {r.name: r for r in RUNS}
 
 
 # ------------------------------------------------------------------------------------------- helpers
-
-
-def set_threads(n: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ["MKL_NUM_THREADS"] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    from clp_transfer.atomic import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def nbytes(text: str) -> int:
-    return len(text.encode("utf-8"))
 
 
 def budget_documents(splits: Path, train_kb: float) -> list[str]:
