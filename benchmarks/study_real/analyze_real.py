@@ -12,7 +12,11 @@ Writes ``<results>/study_real.json`` (every figure below, per run and aggregated
 - ``bytes_saved_vs_cpt``: 1 - (bytes this run needs to reach ``source-cpt``'s final dev-subset bits per
   byte) / (bytes ``source-cpt`` needed); the same against training FLOPs (``flops_saved_vs_cpt``); None
   where the run never reaches it;
-- ``train_flops_per_byte`` and ``tokens_per_word`` (test split).
+- ``train_flops_per_byte`` and ``tokens_per_word`` (test split);
+- ``final_test_bpb_new`` / ``final_test_bpb_shared``: the final test bits per byte split by the class of the
+  predicted token (new rows / rows shared with the source; they add up to ``final_test``);
+- ``cpt_at_equal_flops``: ``source-cpt``'s dev-subset bits per byte after the training FLOPs this run used
+  (linear between evaluations; its final figure when the run used more) - the equal-compute comparison.
 """
 
 from __future__ import annotations
@@ -40,8 +44,24 @@ def crossing(curve: list[dict], key: str, level: float) -> float | None:
     return curve[0][key] if curve and curve[0]["dev_curve_bpb"] <= level else None
 
 
+def value_at(curve: list[dict], key: str, x: float) -> float:
+    """The dev-subset bits per byte of ``curve`` at ``key`` = x (linear between points, clamped)."""
+    for a, b in zip(curve, curve[1:]):
+        if a[key] <= x <= b[key]:
+            w = (x - a[key]) / max(1e-12, b[key] - a[key])
+            return a["dev_curve_bpb"] + w * (b["dev_curve_bpb"] - a["dev_curve_bpb"])
+    return curve[-1]["dev_curve_bpb"] if x > curve[-1][key] else curve[0]["dev_curve_bpb"]
+
+
+def class_bits(score: dict[str, Any], cls: str) -> float | None:
+    """Bits per byte contributed by predicted tokens of class ``cls`` (loss x count / ln 2 / bytes)."""
+    if score.get(f"loss_{cls}") is None:
+        return None
+    return score[f"loss_{cls}"] * score[f"tokens_{cls}"] / 0.6931471805599453 / score["bytes"]
+
+
 def run_figures(r: dict[str, Any], source_level: float | None, target_level: float | None,
-                cpt_need: dict[str, float] | None) -> dict[str, Any]:
+                cpt_need: dict[str, float] | None, cpt_curve: list[dict] | None = None) -> dict[str, Any]:
     curve = r["curve"]
     total = r["bytes_seen"]
     early = [p for p in curve[1:] if p["bytes"] <= 0.1 * total + 1e-9]
@@ -56,6 +76,11 @@ def run_figures(r: dict[str, Any], source_level: float | None, target_level: flo
         "first_eval_pct": 100 * curve[1]["bytes"] / total if len(curve) > 1 else None,
         "final_test_loss_new": r["final"]["test"].get("loss_new"),
         "final_test_loss_shared": r["final"]["test"].get("loss_shared"),
+        "final_test_bpb_new": class_bits(r["final"]["test"], "new"),
+        "final_test_bpb_shared": class_bits(r["final"]["test"], "shared"),
+        "step0_test_bpb_new": class_bits(r["step0"]["test"], "new"),
+        "step0_test_bpb_shared": class_bits(r["step0"]["test"], "shared"),
+        "cpt_at_equal_flops": value_at(cpt_curve, "flops", r["train_flops"]) if cpt_curve else None,
     }
     hit = crossing(curve, "bytes", source_level) if source_level is not None else None
     f["first_beats_source_kb"] = hit / 1024 if hit is not None else None
@@ -69,7 +94,7 @@ def run_figures(r: dict[str, Any], source_level: float | None, target_level: flo
 def mean_std(xs: list[Any]) -> dict[str, Any]:
     vals = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)]
     if not vals:
-        return {"mean": None, "std": None, "n": 0, "reached": 0}
+        return {"mean": None, "std": None, "n": len(xs), "reached": 0}
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "n": len(xs), "reached": len(vals)}
 
@@ -128,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if base:
         cpt_need = {k: statistics.fmean(crossing(r["curve"], k, target_level) or r["curve"][-1][k] for r in base)
                     for k in ("bytes", "flops")}
-    per_run = {name: [run_figures(r, source_level, target_level, cpt_need) for r in rs] for name, rs in runs.items()}
+    cpt_curve = base[0]["curve"] if base else None  # seed 0's curve for the equal-compute comparison
+    per_run = {name: [run_figures(r, source_level, target_level, cpt_need, cpt_curve) for r in rs]
+               for name, rs in runs.items()}
     agg = {name: {k: mean_std([f[k] for f in fs]) for k in fs[0] if k != "worse_in_first_10pct"}
            | {"worse_in_first_10pct": [f["worse_in_first_10pct"] for f in fs]} for name, fs in per_run.items()}
     out = {"baseline": BASELINE, "untouched_source_dev_curve_bpb": source_level, "cpt_final_dev_curve_bpb": target_level,
@@ -146,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(g.get('flops_saved_vs_cpt', mean_std([])), 0, True)} | "
               f"{'yes' if any(g['worse_in_first_10pct']) else 'no'} | {fmt(g['tokens_per_word'], 2)} | "
               f"{fmt({k: (v / 1e9 if isinstance(v, float) else v) for k, v in g['train_flops_per_byte'].items()}, 3)} |")
+    print()
+    print("| run | test bpb from new / shared predicted tokens, step 0 | the same, final | test loss new / shared, "
+          "final (nats) | dev-subset final | source-cpt at equal FLOPs |")
+    print("|---|---|---|---|---:|---:|")
+    for n in order:
+        g = agg[n]
+        if g["final_test_bpb_new"]["mean"] is None:
+            continue
+        print(f"| `{n}` | {fmt(g['step0_test_bpb_new'], 3)} / {fmt(g['step0_test_bpb_shared'], 3)} | "
+              f"{fmt(g['final_test_bpb_new'], 3)} / {fmt(g['final_test_bpb_shared'], 3)} | "
+              f"{fmt(g['final_test_loss_new'], 2)} / {fmt(g['final_test_loss_shared'], 2)} | "
+              f"{fmt(g['final_dev_curve'], 3)} | {fmt(g['cpt_at_equal_flops'], 3)} |")
     return 0
 
 

@@ -68,7 +68,12 @@ INITS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "clp-original": ("clp-original", {}, {}),
     "omp": ("omp", {}, {}),
     "omp-calib": ("omp", {}, {"calib": True}),
+    # peers: rows computed outside this package, written into a copy of the ``random`` init (same body, same
+    # German tokenizer) so that they differ from ours only in the embedding rows.
+    "focus": ("peer:focus", {}, {}),
+    "mergekit-omp": ("peer:mergekit", {"-a": "omp", "-k": "8"}, {}),
 }
+MERGEKIT = "/work/venvs/mergekit/bin/mergekit-tokensurgeon"  # its own venv: see benchmarks/quality/bench_omp.py
 
 RUNS: list[Run] = [
     Run("source-cpt", SOURCE, note="the user's baseline: SmolLM2 with its own tokenizer, continued pretraining"),
@@ -92,6 +97,9 @@ RUNS: list[Run] = [
     Run("random", "random", note="random new rows (small_init)"),
     Run("clp-original", "clp-original", note="published CLP rule"),
     Run("clp-nocalib", "clp-nocalib", note="default rows without the output calibration"),
+    Run("focus", "focus", note="peer FOCUS (deepfocus): fastText on helper_train tokenized by the target tokenizer"),
+    Run("mergekit-omp", "mergekit-omp", note="peer mergekit-tokensurgeon 0.1.5, -a omp -k 8 (its best k in "
+        "bench_omp.py)"),
 ]
 RUN_BY_NAME = {r.name: r for r in RUNS}
 
@@ -171,12 +179,51 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
     if (out / ".done").exists():
         return out
     method, params, opts = INITS[name]
+    if method.startswith("peer:"):
+        return stage_peer(a, name, method, params, source, helper, splits, out)
     opts = dict(opts)
     if opts.pop("calib", False):
         opts["calibration_text"] = str(splits / "helper_train.jsonl")
     log.info("init %s: method %s params %s options %s", name, method, params, opts)
     t = time.perf_counter()
     transfer(str(source), str(helper), str(out), method=method, params=params, seed=0, overwrite=True, **opts)
+    (out / ".done").write_text(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
+    return out
+
+
+def stage_peer(a: argparse.Namespace, name: str, method: str, params: dict[str, Any], source: Path, helper: Path,
+               splits: Path, out: Path) -> Path:
+    """A peer's init: FOCUS through the toy study's adapter, mergekit-tokensurgeon through its own CLI."""
+    import subprocess
+
+    init_random = stage_init(a, "random", source, helper, splits)
+    t = time.perf_counter()
+    if method == "peer:focus":
+        import peers  # benchmarks/study/peers.py
+
+        data = a.cache / "focus-data"  # FOCUS reads one plain-text file: helper_train, the default's calibration text
+        if not (data / "target_de.txt").exists():
+            data.mkdir(parents=True, exist_ok=True)
+            with open(data / "target_de.txt.tmp", "w", encoding="utf-8") as f:
+                for r in read_jsonl(splits / "helper_train.jsonl"):
+                    f.write(r["text"].replace("\n", " ") + "\n")
+            (data / "target_de.txt.tmp").rename(data / "target_de.txt")
+        peers.focus_init(source, init_random, data, out, a.cache, a.threads)
+    elif method == "peer:mergekit":
+        if not Path(a.mergekit).exists():
+            sys.exit(f"run_real.py: {a.mergekit} is missing; install it in its own venv: python3 -m venv "
+                     "/work/venvs/mergekit && /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5")
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        flags = [x for kv in params.items() for x in kv]
+        cmd = [a.mergekit, str(source), str(helper), str(tmp), *flags, "--device", "cpu", "-j", str(a.threads)]
+        log.info("init %s: %s", name, " ".join(cmd))
+        subprocess.run(cmd, check=True)
+        (tmp / "peer_report.json").write_text(json.dumps({"peer": "mergekit-tokensurgeon", "command": cmd}) + "\n")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    else:
+        raise ValueError(f"unknown peer {method}")
     (out / ".done").write_text(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
     return out
 
@@ -250,7 +297,8 @@ def stage_run(a: argparse.Namespace, run: Run, seed: int, ctx: dict[str, Any]) -
     cfg = TrainConfig(model=str(model_dir), data=str(shards), output_dir=str(out), seed=seed,
                       overwrite=not resume and out.exists(), resume=resume, **settings)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    new_ids = new_token_ids(model_dir)
+    # peers carry no transfer report; their tokenizer is the random init's, whose report names the new rows
+    new_ids = new_token_ids(model_dir) or (None if is_source else new_token_ids(a.cache / "inits" / "random"))
     step0_path = out.parent / f".{out.name}.step0.json"
     if step0_path.exists():
         step0 = json.loads(step0_path.read_text())
@@ -327,6 +375,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dev_curve_kb", type=float, default=20)
     p.add_argument("--save_every", type=int, default=3, help="checkpoint every N evaluations (resume point)")
     p.add_argument("--keep_models", action="store_true")
+    p.add_argument("--mergekit", default=MERGEKIT, help="mergekit-tokensurgeon executable (peer mergekit-omp)")
     return p.parse_args(argv)
 
 
