@@ -480,6 +480,8 @@ def run_demo(cfg: DemoConfig) -> Path:
         models[name] = {"tokenizer": tok_name, "path": str(path), **st.run(
             f"evaluate {name}", lambda p=path, i=ids: evaluate(p, heldout, i, cfg.generate_tokens), "")}
 
+    order = [SOURCE_ROW] + [f"target: {m}" for m in cfg.methods]  # table rows in the order of --methods
+    models = {k: models[k] for k in order if k in models}
     chat = None
     if cfg.methods:  # one chat-formatted generation of the first target (the source's template, carried)
         chat = st.run("chat generation", lambda: chat_generation(out / "targets" / cfg.methods[0]), "")
