@@ -17,7 +17,9 @@ Inputs (made once by ``benchmarks/quality/``; ``--quality_cache``, default ``ben
 - ``helper-de/`` from ``make_helper.py --max_steps 600`` (7.3M German GPT-2, 16k byte-level BPE).
 
 Every run trains one pass over the same documents in the same order (``data_order=sequential``), each model
-with its own tokenizer, so "German bytes seen" is the same x-axis for all. Bits per byte are exact
+with its own tokenizer, so "German bytes seen" is the same x-axis for all. The seed sets that order (seed 0:
+the hashed order; other seeds: a permutation of the same documents, shared by every run of the seed) - the
+only thing a seed can vary, since training has no dropout and the inits do not depend on it. Bits per byte are exact
 (``clp_transfer.perplexity.score_documents``: every token scored once, windows of 512, stride 256).
 
 Per run, ``<results>/runs/<run>-s<seed>.json``: settings, the dev-subset curve against bytes, tokens, steps
@@ -128,14 +130,32 @@ def dev_subset(splits: Path, kb: float) -> list[str]:
 # ------------------------------------------------------------------------------------------- stages
 
 
-def stage_shards(a: argparse.Namespace, name: str, tokenizer_dir: Path, docs: list[str], dev: list[str]) -> Path:
-    """Train (the budget documents, in order) and valid (dev) shards of one tokenizer, with a byte map."""
+def seed_order(docs: list[str], seed: int) -> list[str]:
+    """The budget documents in the seed's order: seed 0 keeps the hashed order, other seeds permute it.
+
+    Training is otherwise deterministic (no dropout, sequential data order, seed-independent inits), so the
+    document order is what a seed varies: the same German text, read in another order by every run of
+    that seed (source and target alike)."""
+    if seed == 0:
+        return docs
+    import random
+
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    return [docs[i] for i in order]
+
+
+def stage_shards(a: argparse.Namespace, name: str, tokenizer_dir: Path, docs: list[str], dev: list[str],
+                 seed: int = 0) -> Path:
+    """Train (the budget documents, in the seed's order) and valid (dev) shards of one tokenizer, with a
+    byte map."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from clp_transfer.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
 
-    out = a.cache / f"shards-{name}-{a.train_kb:g}kb"
+    out = a.cache / (f"shards-{name}-{a.train_kb:g}kb" + (f"-order{seed}" if seed else ""))
+    docs = seed_order(docs, seed)
     if (out / "done.json").exists():
         return out
     shutil.rmtree(out, ignore_errors=True)
@@ -287,7 +307,9 @@ def stage_run(a: argparse.Namespace, run: Run, seed: int, ctx: dict[str, Any]) -
         return json.loads(res_path.read_text())
     is_source = run.init == SOURCE
     model_dir = ctx["source"] if is_source else stage_init(a, run.init, ctx["source"], ctx["helper"], ctx["splits"])
-    shards, info = (ctx["shards_source"], ctx["info_source"]) if is_source else (ctx["shards_target"], ctx["info_target"])
+    kind = "source" if is_source else "target"
+    shards = stage_shards(a, kind, ctx["source"] if is_source else ctx["helper"], ctx["docs"], ctx["dev"], seed)
+    info = json.loads((shards / "done.json").read_text())
     settings = base_settings(a) | run.train
     steps = train_steps(info, a.block_size, settings)
     eval_every = max(1, steps // a.evals)
@@ -398,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if not need.exists():
             sys.exit(f"run_real.py: {need} is missing; make it with: {how}")
     docs = budget_documents(splits, a.train_kb)
-    ctx: dict[str, Any] = {"splits": splits, "source": source, "helper": helper,
+    ctx: dict[str, Any] = {"splits": splits, "source": source, "helper": helper, "docs": docs,
                            "dev_curve": dev_subset(splits, a.dev_curve_kb),
                            "dev": [r["text"] for r in read_jsonl(splits / "dev.jsonl")],
                            "test": [r["text"] for r in read_jsonl(splits / "test.jsonl")]}
