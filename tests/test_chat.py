@@ -7,24 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clp_transfer.chat import template_texts, tokens_in_template
 from clp_transfer.cli import main as cli
 from clp_transfer.tiny import CHATML_TEMPLATE, add_chat_template, save_model, tiny_model, train_tokenizer
 from clp_transfer.transfer import summary, transfer
+from safetensors_files import tensors
 
 CONTROL = ("<|im_start|>", "<|im_end|>")
 CHAT = [{"role": "user", "content": "Wie geht es dir heute?"}]
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in Path(path).glob("*.safetensors"):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def load(path):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clp_transfer.cli import main as cli
@@ -18,20 +17,13 @@ from clp_transfer.errors import ClpError
 from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
 from clp_transfer.tokens import VocabInfo, match_vocabularies
 from clp_transfer.transfer import transfer
+from safetensors_files import tensors
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=None).eval(), AutoTokenizer.from_pretrained(path)
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in Path(path).glob("*.safetensors"):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
 
 
 def dir_hash(path) -> str:

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -19,14 +17,7 @@ from clp_transfer.methods import METHODS
 from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
 from clp_transfer.transfer import transfer
 from clp_transfer.vocab_extend import extend_vocabulary, tokenizer_kind, tokenizer_spec
-
-
-def tensors(path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in Path(path).glob("*.safetensors"):
-        with safe_open(f, "pt") as fh:
-            out.update({k: fh.get_tensor(k) for k in fh.keys()})
-    return out
+from safetensors_files import tensors
 
 
 def new_ids_in(ids: list[int], first_new: int) -> bool:
