@@ -108,3 +108,34 @@ def test_demo_report_shows_an_unusable_contrast_method_instead_of_failing(tmp_pa
     assert "1.800 bits per byte, below the English source (1.900) and below its own step 0 (2.000)" in report
     assert "1.500, better than the target by 0.300" in report and "target read 4 KB of German, the source 2 KB" in report
     assert "1.60 tokens per German word against 2.80" in report and "(1.50x)" in report
+
+
+def test_demo_reports_only_non_finite_contrast_methods_as_unusable(tmp_path, fixtures_dir, capsys, monkeypatch):
+    import clp_transfer.transfer as transfer_module
+    from clp_transfer.errors import ClpError, NonFiniteEmbeddingsError
+
+    monkeypatch.setenv("CLP_TRANSFER_CACHE", str(tmp_path / "cache"))
+    real = transfer_module.transfer
+
+    def failing(fail_method, error):
+        def fake(source, helper, output, method="clp", **kw):
+            if method == fail_method:
+                raise error
+            return real(source, helper, output, method=method, **kw)
+        return fake
+
+    args = ["demo", "--quick", "--corpus_dir", str(fixtures_dir / "german.txt"), "--train_methods", "clp",
+            "--no-train_source"]
+    monkeypatch.setattr(transfer_module, "transfer",
+                        failing("clp-original", NonFiniteEmbeddingsError("method 'clp-original' produced non-finite "
+                                                                         "embeddings")))
+    assert cli(args + ["--output_dir", str(tmp_path / "a")]) == 0
+    models = json.loads((tmp_path / "a" / "results.json").read_text())["models"]
+    assert models["target: clp-original"] == {"tokenizer": "German",
+                                              "failed": "method 'clp-original' produced non-finite embeddings"}
+    assert math.isfinite(models["target: random"]["bits_per_byte"])
+    # any other failure of a contrast method still stops the demo, naming its stage
+    monkeypatch.setattr(transfer_module, "transfer", failing("random", ClpError("no space left on device")))
+    assert cli(args + ["--output_dir", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "stage 'transfer random'" in err and "no space left" in err

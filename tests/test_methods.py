@@ -334,3 +334,13 @@ def test_calibration_input_errors():
         compute_target_embeddings(dataclasses.replace(p, pieces=None), "clp", {"pieces_weight": 1.0})
     with pytest.raises(ClpError, match="average to zero"):
         bias_direction(torch.zeros(3, 8))
+
+
+def test_non_finite_rows_raise_their_own_error_class():
+    from clp_transfer.errors import NonFiniteEmbeddingsError
+
+    p = make_problem()
+    p.source_input[p.source_id[p.shared[0]]] = float("nan")  # a shared source row poisons every mixture of it
+    with pytest.raises(NonFiniteEmbeddingsError, match="non-finite embeddings"):
+        compute_target_embeddings(p, "fvt")
+    assert issubclass(NonFiniteEmbeddingsError, ClpError)  # the CLI still prints it as a user error

@@ -11,6 +11,11 @@ class ClpError(Exception):
     """An error caused by the user's input or environment, with a message that says how to fix it."""
 
 
+class NonFiniteEmbeddingsError(ClpError):
+    """A transfer method produced inf/NaN rows for these inputs (e.g. the published CLP rule dividing by a
+    near-zero sum of cosines): the method cannot build a model here, nothing is written."""
+
+
 class UnknownNameError(ClpError, KeyError):
     """A name that is not in a registry (methods, tasks, presets)."""
 

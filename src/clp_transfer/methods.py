@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ClpError
+from .errors import ClpError, NonFiniteEmbeddingsError
 from .registry import Registry
 
 CHUNK = 1024  # missing tokens per similarity block: [CHUNK, |S|] floats at a time
@@ -808,7 +808,7 @@ def compute_target_embeddings(
                            "counted_tokens": int(problem.token_counts.sum()), "rows_shifted": len(rows_to_shift),
                            "mean_abs_shift": float(moved.abs().mean()), "mean_shift_new": float(shift[missing].mean())}
     if not torch.isfinite(target_in).all() or (target_out is not None and not torch.isfinite(target_out).all()):
-        raise ClpError(f"method {method!r} produced non-finite embeddings")
+        raise NonFiniteEmbeddingsError(f"method {method!r} produced non-finite embeddings")
 
     def norm(x: torch.Tensor) -> float:
         return float(x.float().norm(dim=-1).mean()) if len(x) else float("nan")
