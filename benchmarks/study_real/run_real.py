@@ -424,8 +424,6 @@ def main(argv: list[str] | None = None) -> int:
                            "dev_curve": dev_subset(splits, a.dev_curve_kb),
                            "dev": [r["text"] for r in read_jsonl(splits / "dev.jsonl")],
                            "test": [r["text"] for r in read_jsonl(splits / "test.jsonl")]}
-    ctx["shards_source"] = stage_shards(a, "source", source, docs, ctx["dev"])
-    ctx["info_source"] = json.loads((ctx["shards_source"] / "done.json").read_text())
     if any(r.init != SOURCE for r in runs):
         committed = REPO / "benchmarks" / "assets" / "helper-de-600"
         if not (helper / "helper_report.json").exists() and (committed / "helper_report.json").exists():
@@ -434,8 +432,6 @@ def main(argv: list[str] | None = None) -> int:
         if not (helper / "helper_report.json").exists():
             sys.exit(f"run_real.py: {helper} is missing; make it with: python benchmarks/quality/make_helper.py "
                      "--max_steps 600")
-        ctx["shards_target"] = stage_shards(a, "target", helper, docs, ctx["dev"])
-        ctx["info_target"] = json.loads((ctx["shards_target"] / "done.json").read_text())
     meta = {"train_kb": a.train_kb, "train_documents": len(docs), "dev_curve_documents": len(ctx["dev_curve"]),
             "dev_curve_bytes": sum(map(nbytes, ctx["dev_curve"])), "block_size": a.block_size,
             "batch_size": a.batch_size, "splits_manifest": json.loads((splits / "manifest.json").read_text())["splits"]}
