@@ -480,29 +480,42 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows, chat.row_sources)
         _write_config(tmp, src.path, rows, target_vocab.roles)
         update_chat_configs(tmp, chat)
-        # The target model has the source's context, not the helper's: without this, a helper trained on short
-        # blocks would make the target tokenizer warn about (and truncate at) the helper's length.
-        from transformers import AutoConfig
-
-        from .eval_loading import context_length
-
-        context = context_length(AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.trust_remote_code))
-        if context:
-            tgt_tok.model_max_length = context
+        fit_to_source_context(tgt_tok, src.path, cfg.trust_remote_code)
         apply_chat_tokenizer(tgt_tok, chat)
         report["chat"] = _chat_report(chat)
         tgt_tok.save_pretrained(tmp)
-        timings["write_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t0
-        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-        report["versions"] = _versions()
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_transfer_report(tmp, report, timings, t, t0)
         from .model_card import write_model_card  # README.md: the hub model card, built from the report
 
         write_model_card(tmp, "transfer", source_dir=src.path, helper_dir=hlp.path)
     log.info("%s", summary(report, out_path))
     return TransferResult(out_path, report)
+
+
+def fit_to_source_context(tokenizer: Any, source_dir: Path, trust_remote_code: bool = False) -> None:
+    """Give the target tokenizer the source's context length.
+
+    The target model has the source's context, not the helper's: without this, a helper trained on short
+    blocks would make the target tokenizer warn about (and truncate at) the helper's length."""
+    from transformers import AutoConfig
+
+    from .eval_loading import context_length
+
+    context = context_length(AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code))
+    if context:
+        tokenizer.model_max_length = context
+
+
+def write_transfer_report(tmp: Path, report: dict[str, Any], timings: dict[str, float], write_start: float,
+                 start: float) -> None:
+    """Complete ``report`` (timings from the perf-counter marks ``write_start`` and ``start``, peak RSS,
+    versions) and write it as ``REPORT_NAME`` into the output directory being built."""
+    timings["write_s"] = time.perf_counter() - write_start
+    timings["total_s"] = time.perf_counter() - start
+    report["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+    report["versions"] = _versions()
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _write_checkpoint(tmp: Path, ckpt: SafetensorsCheckpoint, keys: EmbeddingKeys, solution: EmbeddingSolution,

@@ -483,9 +483,9 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
 
     from . import __version__
     from .atomic import atomic_directory
-    from .eval_loading import context_length
     from .methods import METHODS, EmbeddingSolution, method_params
-    from .transfer import REPORT_NAME, TransferResult, _peak_rss_mb, _versions, _write_checkpoint, padded_rows, parse_params
+    from .transfer import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
+                           parse_params, write_transfer_report)
 
     spec = METHODS.get(cfg.method)
     params = parse_params(cfg.params)
@@ -565,18 +565,9 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
     with atomic_directory(out_path, overwrite=cfg.overwrite) as tmp:
         _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows)
         _write_config(tmp, src.path, rows)
-        from transformers import AutoConfig
-
-        context = context_length(AutoConfig.from_pretrained(src.path, trust_remote_code=cfg.trust_remote_code))
-        if context:
-            ext_tok.model_max_length = context
+        fit_to_source_context(ext_tok, src.path, cfg.trust_remote_code)
         ext_tok.save_pretrained(tmp)
-        timings["write_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - t0
-        report["timings"] = {k: round(v, 3) for k, v in timings.items()}
-        report["peak_rss_mb"] = round(_peak_rss_mb(), 1)
-        report["versions"] = _versions()
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_transfer_report(tmp, report, timings, t, t0)
     work.cleanup()
     log.info("Extended %s by %d tokens of %s's vocabulary (%s) with method %s: ids 0-%d keep their rows, "
              "new ids %d-%d; %d rows (%s). Took %.1f s. Wrote %s.", src.origin, len(ext.new_tokens),
