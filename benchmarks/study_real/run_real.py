@@ -69,6 +69,11 @@ INITS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "random": ("random", {}, {}),
     "clp-original": ("clp-original", {}, {}),
     "omp": ("omp", {}, {}),
+    # the helper as a helper space built from helper_train (byte-level BPE + skip-gram, as the demo builds it)
+    # instead of the 7M helper LM: a cheaper helper at the same vocabulary, and a smaller target vocabulary
+    # (each new row then occurs about twice as often in the same German text).
+    "clp-space16k": ("clp", {}, {"calib": True, "space_vocab": 16000}),
+    "clp-space8k": ("clp", {}, {"calib": True, "space_vocab": 8000}),
     "omp-calib": ("omp", {}, {"calib": True}),
     # peers: rows computed outside this package, written into a copy of the ``random`` init (same body, same
     # German tokenizer) so that they differ from ours only in the embedding rows.
@@ -97,6 +102,8 @@ RUNS: list[Run] = [
     Run("fvt", "fvt"),
     Run("omp", "omp", note="our omp (k=64), uncalibrated"),
     Run("random", "random", note="random new rows (small_init)"),
+    Run("clp-space16k", "clp-space16k", note="default, helper = text helper space (16k BPE + skip-gram, 5 passes)"),
+    Run("clp-space8k", "clp-space8k", note="default, helper = text helper space with an 8k vocabulary"),
     Run("clp-original", "clp-original", note="published CLP rule"),
     Run("clp-nocalib", "clp-nocalib", note="default rows without the output calibration"),
     Run("focus", "focus", note="peer FOCUS (deepfocus): fastText on helper_train tokenized by the target tokenizer"),
@@ -204,10 +211,27 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
     opts = dict(opts)
     if opts.pop("calib", False):
         opts["calibration_text"] = str(splits / "helper_train.jsonl")
+    if "space_vocab" in opts:
+        helper = stage_space(a, opts.pop("space_vocab"), splits)
     log.info("init %s: method %s params %s options %s", name, method, params, opts)
     t = time.perf_counter()
     transfer(str(source), str(helper), str(out), method=method, params=params, seed=0, overwrite=True, **opts)
     (out / ".done").write_text(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
+    return out
+
+
+def stage_space(a: argparse.Namespace, vocab_size: int, splits: Path) -> Path:
+    """A helper space built from ``helper_train`` (the helper LM's own text): 5 skip-gram passes, one thread
+    so it is bit-reproducible, the same settings as the demo's."""
+    from clp_transfer.helper_space import SpaceConfig, build_helper_space
+
+    out = a.cache / f"space-{vocab_size}"
+    if (out / "helper_space.json").is_file():
+        return out
+    t = time.perf_counter()
+    build_helper_space(SpaceConfig(text=[str(splits / "helper_train.jsonl")], output_dir=str(out),
+                                   vocab_size=vocab_size, epochs=5.0, num_threads=1, seed=0, overwrite=True))
+    log.info("helper space %d: %.0f s", vocab_size, time.perf_counter() - t)
     return out
 
 
@@ -307,8 +331,11 @@ def stage_run(a: argparse.Namespace, run: Run, seed: int, ctx: dict[str, Any]) -
         return json.loads(res_path.read_text())
     is_source = run.init == SOURCE
     model_dir = ctx["source"] if is_source else stage_init(a, run.init, ctx["source"], ctx["helper"], ctx["splits"])
-    kind = "source" if is_source else "target"
-    shards = stage_shards(a, kind, ctx["source"] if is_source else ctx["helper"], ctx["docs"], ctx["dev"], seed)
+    kind, tokenizer_dir = ("source", ctx["source"]) if is_source else ("target", ctx["helper"])
+    space_vocab = INITS.get(run.init, ("", {}, {}))[2].get("space_vocab")
+    if space_vocab:  # a helper space brings its own target tokenizer, which the init carries
+        kind, tokenizer_dir = f"space{space_vocab}", model_dir
+    shards = stage_shards(a, kind, tokenizer_dir, ctx["docs"], ctx["dev"], seed)
     info = json.loads((shards / "done.json").read_text())
     settings = base_settings(a) | run.train
     steps = train_steps(info, a.block_size, settings)
