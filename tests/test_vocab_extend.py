@@ -408,3 +408,17 @@ def test_new_token_guard_lowers_new_logits_in_keep_text_contexts_only(tmp_path, 
     with pytest.raises(ClpError, match="needs the output calibration"):
         transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), mode="extend", keep_text=keep_file,
                  keep_text_ratio=0.0, new_token_guard=1.0)
+
+
+def test_extend_writes_a_model_card(tmp_path, model_factory, calibration_file, keep_file):
+    from huggingface_hub import ModelCard
+
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    res = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "card"), mode="extend",
+                   calibration_text=calibration_file, keep_text=keep_file, new_token_guard=2.0)
+    card = ModelCard.load(res.path / "README.md")
+    assert "vocabulary-extension" in card.data.tags and card.data.library_name == "transformers"
+    n_new = res.report["extension"]["new_tokens"]
+    assert f"**{n_new:,} new**" in card.text and "transfer --mode extend" in card.text
+    assert "keep text" in card.text and "new-token guard" in card.text

@@ -598,6 +598,72 @@ def _write_config(tmp: Path, source_dir: Path, rows: int) -> None:
             shutil.copy2(extra, tmp / extra.name)
 
 
+def extend_card(directory: Path, source_dir: str | Path | None = None, helper_dir: str | Path | None = None) -> str:
+    """The hub model card (``README.md``) of an extend-mode output, from its ``transfer_report.json``.
+
+    Built with :mod:`clp_transfer.model_card`'s helpers so it has the same metadata rules as replace mode's
+    card; the languages are the source's and the helper's (the model is meant to keep the first)."""
+    from . import model_card as mc
+
+    r = json.loads((Path(directory) / "transfer_report.json").read_text(encoding="utf-8"))
+    src, hlp, x, tgt = r["source"], r["helper"], r["extension"], r["target"]
+    source, helper = mc.provenance(source_dir, src["origin"]), mc.provenance(helper_dir, hlp["origin"])
+    language = list(dict.fromkeys(source.language + helper.language))
+    name = mc.final_name(Path(directory))
+    params = ", ".join(f"`{k}={v}`" for k, v in sorted(r.get("params", {}).items())) or "defaults"
+    calib = (r.get("new_rows") or {}).get("calibration") or {}
+    left = ", ".join(f"{k}: {mc._fmt(v)}" for k, v in x["left_out"].items() if v and k != "score_offset")
+    keep = x.get("keep_text_filter")
+    keep_row = (f"`{x['keep_text']}`: {mc._fmt(keep['left_out'])} new tokens that fire on it left out "
+                f"(ratio {keep['ratio']:g}); {mc._fmt(keep['remaining_uses'])} new-token uses remain on it"
+                if keep else "none (new merges may fire inside source-language words)")
+    guard = calib.get("guard")
+    rows = [
+        ("source", f"`{src['origin']}` ({src['kind']}; {mc._fmt(src['vocab_size'])} tokens, {src['tokenizer_family']})"),
+        ("helper", f"`{hlp['origin']}` (tokenizer `{hlp['tokenizer']}`, {mc._fmt(hlp['vocab_size'])} tokens)"),
+        ("method", f"`{r['method']}`, parameters {params}, seed {r.get('seed')}"),
+        ("vocabulary", f"{mc._fmt(tgt['vocab_size'])} tokens: the **{mc._fmt(x['source_tokens'])} source tokens** "
+                       f"with their ids and rows unchanged, then **{mc._fmt(x['new_tokens'])} new** helper tokens "
+                       f"as real vocabulary (rows from `{r['method']}`); left out: {left or 'none'}"),
+        ("keep text", keep_row),
+        ("calibration text", f"`{r['calibration_text']}` (new rows only)" if r.get("calibration_text") else "none"),
+        ("new-token guard", f"{guard['strength']:g} nats: new logits {guard['keep_mean']:+.2f} on keep text, "
+                            f"{guard['target_mean']:+.2f} on calibration text" if guard else "none"),
+        ("embeddings", f"{mc._fmt(tgt['embedding_rows'])} rows ({tgt['dtype']}); "
+                       f"{'tied' if tgt['tied'] else 'untied'} output head"),
+        ("tool", f"clp-transfer {r.get('clp_transfer_version', '?')}; full record in `transfer_report.json`"),
+    ]
+    whence = (f"the license of the source `{src['origin']}`, whose weights this model keeps" if source.license
+              else f"the source `{src['origin']}` names none in its card or GGUF metadata")
+    body = f"""
+# {name}
+
+A causal language model{mc._for_language(language)}, made with clp-transfer's `transfer --mode extend`: the
+source model `{src['origin']}` unchanged, its tokenizer **extended** by the tokens of the helper
+`{hlp['tokenizer']}` that it lacks (added to the tokenizer model as merges/pieces after the source's, so text
+without them is tokenized as before). The new tokens' embeddings are built from the source embeddings of
+shared tokens, weighted by similarity in the helper's embedding space. The new rows have not been trained:
+continue pretraining (`clp-transfer train`) before relying on the new language.
+
+## What was done
+
+{mc._table(rows)}
+
+## Measurements
+
+Bits per byte: not measured by `transfer`. Measure them on held-out text of both languages with
+`clp-transfer perplexity --model {name} --text_files heldout.txt` (comparable across tokenizers).
+
+## License and language
+
+{mc._license_note(source.license, whence)}
+{mc._language_note(language, "neither the source's nor the helper's card names one")}
+{mc._loading(name)}"""
+    tags = [mc.TAG, "vocabulary-extension", "clp", f"transfer-method-{r['method']}"]
+    return mc._render({"language": language, "license": source.license, "library_name": "transformers",
+                       "pipeline_tag": "text-generation", "base_model": source.hub_id, "tags": tags}, body)
+
+
 def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckpt: Any, keys: Any, e_s: Any,
                o_s: Any, e_h: Any, timings: dict[str, float], t0: float) -> Any:
     """``--mode extend`` of :func:`clp_transfer.transfer.run_transfer`, from the point where the embedding
@@ -711,6 +777,9 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         fit_to_source_context(ext_tok, src.path, cfg.trust_remote_code)
         ext_tok.save_pretrained(tmp)
         write_transfer_report(tmp, report, timings, t, t0)
+        from .model_card import write_model_card  # README.md, as replace mode writes one
+
+        write_model_card(tmp, "extend", source_dir=src.path, helper_dir=hlp.path)
     work.cleanup()
     log.info("Extended %s by %d tokens of %s's vocabulary (%s) with method %s: ids 0-%d keep their rows, "
              "new ids %d-%d; %d rows (%s). Took %.1f s. Wrote %s.", src.origin, len(ext.new_tokens),
