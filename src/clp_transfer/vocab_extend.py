@@ -721,9 +721,10 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
     full_params = method_params(cfg.method, params)
     calibration: dict[str, Any] | None = None
     if cfg.keep_text and cfg.new_token_guard and not (spec.wants_calibration(full_params) and cfg.calibration_text):
-        raise ClpError("--new_token_guard needs the output calibration (a calibrating method such as clp and "
-                       "--calibration_text): the guard contrasts keep-text with calibration-text hidden states; "
-                       "use --new_token_guard 0")
+        # The guard contrasts keep-text with calibration-text hidden states; it is on by default, so without
+        # the calibration it is skipped rather than refused.
+        log.warning("--new_token_guard needs the output calibration (a calibrating method such as clp and "
+                    "--calibration_text): guard skipped, the new rows may take probability in keep-text contexts")
     if cfg.new_token_logit_offset and not (spec.wants_calibration(full_params) and cfg.calibration_text):
         raise ClpError("--new_token_logit_offset needs the output calibration (a calibrating method such as clp "
                        "and --calibration_text): the offset is measured on the calibration text's hidden states")
