@@ -25,6 +25,17 @@ probability mass from the tied softmax. The target's special/added tokens are ne
 special tokens, chat template and config ids are unchanged. Tokenizers of different families (e.g. a
 WordPiece helper for a byte-level BPE source) are refused with a :class:`ClpError` - use ``--mode replace``.
 
+Keeping the source language (``--keep_text``, text in the source's language). Measured on SmolLM2-135M with a
+German helper, the plain extension loses English in two ways: new merges fire inside English words (a
+well-predicted run of source tokens becomes one new token with a step-0 row) and the new rows take
+probability at English positions tokenized as before ("stealing"). Two levers, both on with a keep text:
+
+- :func:`extend_keeping_text` leaves out the new tokens that fire on the keep text (``--keep_text_ratio``:
+  unless they are that much more frequent in the calibration text), so that text keeps its tokenization;
+- the guard (``--new_token_guard`` G, needs the calibration): every new row gets ``+ G · g`` with g the linear
+  probe of :func:`guard_direction` (g·h ≈ -1 on keep-text hidden states, ≈ 0 on calibration-text ones), so
+  the new logits drop by about G nats where the context reads like the source language only.
+
 :func:`extend_vocabulary` is the pure merge on tokenizer specs (dicts); :func:`run_extend` is the I/O part
 that :func:`clp_transfer.transfer.run_transfer` calls for ``--mode extend``.
 """
