@@ -329,3 +329,97 @@ def test_new_token_logit_offset_moves_only_the_new_rows_along_one_direction(tmp_
         transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), mode="extend", new_token_logit_offset=-1.0)
     with pytest.raises(ClpError, match="extend only"):
         transfer(str(src_dir), str(hlp_dir), str(tmp_path / "y"), new_token_logit_offset=-1.0)
+
+
+@pytest.fixture
+def keep_file(tmp_path, english_lines) -> str:
+    path = tmp_path / "keep.txt"
+    path.write_text("\n".join(english_lines), encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("arch,tied,kind", [("gpt2", None, "bpe"), ("llama", True, "sentencepiece")])
+def test_keep_text_leaves_its_tokenization_as_the_source_s(tmp_path, model_factory, english_lines, german_lines,
+                                                           calibration_file, keep_file, arch, tied, kind):
+    src_dir = model_factory(arch, "en", kind, tied=tied, vocab=420)
+    hlp_dir = model_factory("gpt2", "de", kind, vocab=450, hidden=16)
+    plain = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "plain"), mode="extend", method="fvt")
+    kept = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "kept"), mode="extend", method="fvt",
+                    keep_text=keep_file, keep_text_ratio=0.0)
+    src_tok = AutoTokenizer.from_pretrained(src_dir)
+    p_tok, k_tok = (AutoTokenizer.from_pretrained(r.path) for r in (plain, kept))
+    v_s = len(src_tok)
+    enc = lambda tok, s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # Without a keep text some new token fires on English; with it (ratio 0) the English ids are the source's.
+    assert any(new_ids_in(enc(p_tok, s), v_s) for s in english_lines)
+    for s in english_lines:
+        assert enc(k_tok, s) == enc(src_tok, s)
+    for token, i in src_tok.get_vocab().items():  # every source token keeps its id
+        assert k_tok.convert_tokens_to_ids(token) == i
+    record = kept.report["extension"]["keep_text_filter"]
+    assert record["remaining_uses"] == 0 and record["converged"] and record["left_out"] > 0
+    assert kept.report["extension"]["new_tokens"] < plain.report["extension"]["new_tokens"]
+    # German still gets shorter than with the source tokenizer.
+    n = {name: sum(len(enc(t, s)) for s in german_lines) for name, t in (("src", src_tok), ("kept", k_tok))}
+    assert n["kept"] < 0.9 * n["src"], n
+    model = AutoModelForCausalLM.from_pretrained(kept.path, dtype=None)
+    src_model = AutoModelForCausalLM.from_pretrained(src_dir, dtype=None)
+    assert torch.equal(model.get_input_embeddings().weight[:v_s], src_model.get_input_embeddings().weight[:v_s])
+
+
+def test_keep_text_ratio_keeps_tokens_more_frequent_in_the_target_language(tmp_path, model_factory, english_lines,
+                                                                           german_lines, calibration_file):
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    # A keep text that quotes German: at ratio 0 its German tokens go, at ratio 1 they stay.
+    keep = tmp_path / "keep_quoting.txt"
+    keep.write_text("\n".join(english_lines + german_lines[:2]), encoding="utf-8")
+    runs = {r: transfer(str(src_dir), str(hlp_dir), str(tmp_path / f"r{r}"), mode="extend", method="fvt",
+                        keep_text=str(keep), keep_text_ratio=r, calibration_text=calibration_file)
+            for r in (0.0, 1.0)}
+    left = {r: run.report["extension"]["keep_text_filter"]["left_out"] for r, run in runs.items()}
+    assert left[1.0] < left[0.0], left
+    with pytest.raises(ClpError, match="calibration_text"):
+        transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), mode="extend", method="fvt",
+                 keep_text=str(keep), keep_text_ratio=0.5)
+    with pytest.raises(ClpError, match="extend only"):
+        transfer(str(src_dir), str(hlp_dir), str(tmp_path / "y"), keep_text=str(keep))
+
+
+def test_new_token_guard_lowers_new_logits_in_keep_text_contexts_only(tmp_path, model_factory, calibration_file,
+                                                                      keep_file):
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    runs = {g: transfer(str(src_dir), str(hlp_dir), str(tmp_path / f"g{g}"), mode="extend",
+                        calibration_text=calibration_file, keep_text=keep_file, new_token_guard=g)
+            for g in (0.0, 3.0)}
+    key = "transformer.wte.weight"
+    a, b = tensors(runs[0.0].path)[key], tensors(runs[3.0].path)[key]
+    v_s, new = runs[0.0].report["source"]["vocab_size"], runs[0.0].report["new_token_ids"]
+    assert runs[3.0].report["new_token_ids"] == new  # the guard does not change the vocabulary
+    assert torch.equal(a[:v_s], b[:v_s])  # source rows bit for bit
+    delta = b[new] - a[new]  # [N, d]: the same vector 3 * g for every new row
+    torch.testing.assert_close(delta, delta[:1].expand_as(delta), atol=1e-5, rtol=0)
+    guard = runs[3.0].report["new_rows"]["calibration"]["guard"]
+    # The probe lowers new logits on the keep text more than on the calibration (target) text (a random tiny
+    # model separates its two languages only weakly; SmolLM2's separation is in benchmarks/results).
+    assert guard["keep_mean"] < 0 and guard["keep_mean"] < guard["target_mean"], guard
+    assert "guard" not in runs[0.0].report["new_rows"]["calibration"]
+    # Without the calibration there are no target hidden states to contrast with: the guard is skipped.
+    res = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "x"), mode="extend", method="fvt",
+                   keep_text=keep_file, keep_text_ratio=0.0, new_token_guard=1.0)
+    assert "calibration" not in res.report["new_rows"]
+
+
+def test_extend_writes_a_model_card(tmp_path, model_factory, calibration_file, keep_file):
+    from huggingface_hub import ModelCard
+
+    src_dir = model_factory("gpt2", "en", "bpe", vocab=420)
+    hlp_dir = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)
+    res = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "card"), mode="extend",
+                   calibration_text=calibration_file, keep_text=keep_file, new_token_guard=2.0)
+    card = ModelCard.load(res.path / "README.md")
+    assert "vocabulary-extension" in card.data.tags and card.data.library_name == "transformers"
+    n_new = res.report["extension"]["new_tokens"]
+    assert f"**{n_new:,} new**" in card.text and "transfer --mode extend" in card.text
+    assert "keep text" in card.text and "new-token guard" in card.text

@@ -81,6 +81,19 @@ class TransferConfig:
     """Extend mode, with --calibration_text: after the calibration, move the new output rows so their logits
     change by this many nats on average over the calibration text (negative: they take less probability from
     the source's tokens)."""
+    keep_text: str | None = None
+    """Extend mode: source-language text (.txt: a document per line; .jsonl: a "text" field) to keep as it was:
+    new tokens that fire on it (see --keep_text_ratio) are left out, and with --new_token_guard the new rows'
+    logits are lowered in contexts like it. Without it, new merges may fire inside source-language words."""
+    keep_text_ratio: float = 0.1
+    """Extend mode with --keep_text: leave out a new token when its rate (uses per byte) on the keep text is at
+    least this times its rate on --calibration_text; 0 leaves out every new token that fires on the keep text."""
+    keep_text_bytes: int = 8_000_000
+    """Extend mode: UTF-8 bytes read from the keep text (and from the calibration text for the ratio)."""
+    new_token_guard: float = 2.0
+    """Extend mode with --keep_text and the calibration: lower the new rows' logits by about this many nats in
+    keep-text contexts, leaving them in calibration-text contexts (a linear probe on the final hidden state;
+    2 was best on the benchmark's dev texts, see docs/research.md); 0 turns it off."""
     params: list[str] = field(default_factory=list)
     """Method parameters as key=value, e.g. --params top_k=20 temperature=0.1."""
     seed: int = 0
@@ -337,7 +350,7 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
     """Check the flags, claim the output (refused when it overlaps an input; locked against a second run),
     then build the target model; see the module docstring."""
     validate_transfer_config(cfg)
-    inputs = [cfg.source, cfg.helper, cfg.helper_tokenizer, cfg.calibration_text, cfg.target_tokenizer,
+    inputs = [cfg.source, cfg.helper, cfg.helper_tokenizer, cfg.calibration_text, cfg.keep_text, cfg.target_tokenizer,
               *(cfg.helper_text or [])]
     with claim_output(cfg.output, cfg.overwrite, inputs):
         return _run_transfer(cfg)

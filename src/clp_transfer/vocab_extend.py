@@ -25,6 +25,17 @@ probability mass from the tied softmax. The target's special/added tokens are ne
 special tokens, chat template and config ids are unchanged. Tokenizers of different families (e.g. a
 WordPiece helper for a byte-level BPE source) are refused with a :class:`ClpError` - use ``--mode replace``.
 
+Keeping the source language (``--keep_text``, text in the source's language). Measured on SmolLM2-135M with a
+German helper, the plain extension loses English in two ways: new merges fire inside English words (a
+well-predicted run of source tokens becomes one new token with a step-0 row) and the new rows take
+probability at English positions tokenized as before ("stealing"). Two levers, both on with a keep text:
+
+- :func:`extend_keeping_text` leaves out the new tokens that fire on the keep text (``--keep_text_ratio``:
+  unless they are that much more frequent in the calibration text), so that text keeps its tokenization;
+- the guard (``--new_token_guard`` G, needs the calibration): every new row gets ``+ G · g`` with g the linear
+  probe of :func:`guard_direction` (g·h ≈ -1 on keep-text hidden states, ≈ 0 on calibration-text ones), so
+  the new logits drop by about G nats where the context reads like the source language only.
+
 :func:`extend_vocabulary` is the pure merge on tokenizer specs (dicts); :func:`run_extend` is the I/O part
 that :func:`clp_transfer.transfer.run_transfer` calls for ``--mode extend``.
 """
@@ -55,6 +66,12 @@ def check_mode(cfg: Any) -> None:
         raise ClpError(f"unknown transfer mode {cfg.mode!r}; choose one of: {', '.join(MODES)}")
     if cfg.mode != "extend" and getattr(cfg, "new_token_logit_offset", 0.0):
         raise ClpError("--new_token_logit_offset applies to --mode extend only")
+    if cfg.mode != "extend" and getattr(cfg, "keep_text", None):
+        raise ClpError("--keep_text applies to --mode extend only")
+    if getattr(cfg, "keep_text_ratio", 0.0) < 0 or getattr(cfg, "new_token_guard", 0.0) < 0:
+        raise ClpError("--keep_text_ratio and --new_token_guard must not be negative")
+    if getattr(cfg, "keep_text_bytes", 1) < 1:
+        raise ClpError("--keep_text_bytes must be positive")
 
 
 @dataclass
@@ -156,8 +173,12 @@ def _reachability(source_spec: dict[str, Any], kind: str) -> Callable[[str], boo
 # ---------------------------------------------------------------------------------------------- merging
 
 
-def extend_vocabulary(source_spec: dict[str, Any], target_spec: dict[str, Any]) -> ExtendedVocab:
+def extend_vocabulary(source_spec: dict[str, Any], target_spec: dict[str, Any],
+                      exclude: frozenset[str] | set[str] = frozenset()) -> ExtendedVocab:
     """Merge ``target_spec`` into ``source_spec`` (both ``tokenizer.json`` dicts); neither is modified.
+
+    ``exclude``: target tokens never to add (e.g. those :func:`extend_keeping_text` found firing on
+    source-language text); a BPE token formed through an excluded one gets a rederived merge or is left out.
 
     Raises :class:`ClpError` when the two tokenizers are of different families or use different subword
     conventions (prefixes/suffixes), since their tokens would not mean the same thing.
@@ -176,7 +197,7 @@ def extend_vocabulary(source_spec: dict[str, Any], target_spec: dict[str, Any]) 
                            f"{m_t.get(key)!r}): their tokens cannot be merged; use --mode replace")
     merged = copy.deepcopy(source_spec)
     reachable = _reachability(source_spec, kind_s)
-    skip = _added_contents(target_spec)  # the target's control tokens never become vocabulary
+    skip = _added_contents(target_spec) | set(exclude)  # control tokens never become vocabulary
     ext = ExtendedVocab(merged, kind_s, _max_id(source_spec) + 1)
     if kind_s in ("byte_level_bpe", "sentencepiece_bpe"):
         _merge_bpe(merged["model"], m_t, skip | _added_contents(source_spec), reachable, ext)
@@ -187,6 +208,79 @@ def extend_vocabulary(source_spec: dict[str, Any], target_spec: dict[str, Any]) 
     log.info("extended the %s vocabulary by %d target tokens (left out: %s)", kind_s, len(ext.new_tokens),
              ext.dropped)
     return ext
+
+
+def new_token_uses(ext: ExtendedVocab, texts: list[str]) -> dict[str, int]:
+    """How often each new token of ``ext`` occurs in the extended tokenization of ``texts`` (tokens that never
+    occur are absent). Uses the ``tokenizers`` model directly (batched, no special tokens)."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(json.dumps(ext.tokenizer_json))
+    uses: Counter[int] = Counter()
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        uses.update(i for i in enc.ids if i >= ext.first_new_id)
+    return {ext.new_tokens[i - ext.first_new_id]: n for i, n in uses.items()}
+
+
+def extend_keeping_text(source_spec: dict[str, Any], target_spec: dict[str, Any], keep_texts: list[str],
+                        target_texts: list[str] | None = None, ratio: float = 0.0, min_uses: int = 1,
+                        max_rounds: int = 10) -> tuple[ExtendedVocab, dict[str, Any]]:
+    """:func:`extend_vocabulary`, leaving out the new tokens that fire on ``keep_texts`` (source-language
+    text), so that text keeps (most of) the source's tokenization.
+
+    A new token is left out when it occurs at least ``min_uses`` times in the keep text *and* its rate there
+    (uses per byte) is at least ``ratio`` times its rate in ``target_texts`` (target-language text; needed
+    when ``ratio > 0``). ``ratio = 0`` leaves out every token that fires on the keep text; ``ratio = 1`` only
+    those more frequent there than in the target language (a German word quoted in English text stays).
+
+    Why: a new merge that joins pieces of a source-language word replaces a well-predicted source sequence by
+    one token whose row is only a step-0 guess (on SmolLM2 + a German helper each such English token cost
+    ~8 nats). Leaving a token out changes which merges later tokens get, which can make other new tokens fire,
+    so this repeats until no further token qualifies (at most ``max_rounds`` merges). Returns the extension
+    and a record: rounds, tokens left out, the remaining new-token uses on the keep text.
+    """
+    if ratio > 0 and not target_texts:
+        raise ClpError("a keep-text ratio > 0 compares with target-language text: give the calibration text")
+    k_bytes = max(1, sum(len(t.encode("utf-8")) for t in keep_texts))
+    t_bytes = max(1, sum(len(t.encode("utf-8")) for t in target_texts or []))
+    exclude: set[str] = set()
+    rounds = 0
+    while True:
+        ext = extend_vocabulary(source_spec, target_spec, exclude=exclude)
+        rounds += 1
+        uses = new_token_uses(ext, keep_texts)
+        target_uses = new_token_uses(ext, target_texts) if ratio > 0 and target_texts else {}
+        firing = {t for t, n in uses.items()
+                  if n >= min_uses and n / k_bytes >= ratio * target_uses.get(t, 0) / t_bytes}
+        if not firing or rounds >= max_rounds:
+            break
+        exclude |= firing
+        log.info("keep text: round %d left out %d more new tokens (%d in all)", rounds, len(firing), len(exclude))
+    record = {"documents": len(keep_texts), "bytes": k_bytes, "ratio": ratio, "min_uses": min_uses,
+              "rounds": rounds, "left_out": len(exclude), "remaining_uses": int(sum(uses.values())),
+              "converged": not firing}
+    ext.dropped = {**ext.dropped, "fires_on_keep_text": len(exclude)}
+    return ext, record
+
+
+def read_keep_text(path: str | Path, max_bytes: int) -> list[str]:
+    """Documents of a keep text (.txt: one per line; .jsonl: a "text" field; .gz allowed), up to ``max_bytes``."""
+    from .perplexity import read_documents
+
+    if not Path(path).is_file():
+        raise ClpError(f"--keep_text {str(path)!r} does not exist; give a .txt or .jsonl file of source-language text")
+    docs: list[str] = []
+    n = 0
+    for doc in read_documents(path):
+        docs.append(doc)
+        n += len(doc.encode("utf-8"))
+        if n >= max_bytes:
+            break
+    if not docs:
+        raise ClpError(f"--keep_text {str(path)!r} has no documents")
+    return docs
 
 
 def _pairs(merges: list[Any]) -> list[tuple[str, str]]:
@@ -433,7 +527,8 @@ def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: A
                         strength: float) -> tuple[Any, Any, dict[str, Any]]:
     """Output calibration of the new rows only (source rows stay bit-for-bit) on the extended head, then the
     optional ``new_token_logit_offset``: every new row [d] += offset * u, u [d] the bias direction of the
-    calibration hidden states (:func:`clp_transfer.methods.bias_direction`)."""
+    calibration hidden states (:func:`clp_transfer.methods.bias_direction`), and, with ``keep_text``, the
+    guard: every new row [d] += new_token_guard * g (:func:`guard_direction`)."""
     import torch
 
     from .methods import bias_direction, calibrate_frequencies
@@ -446,6 +541,18 @@ def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: A
     offset = float(getattr(cfg, "new_token_logit_offset", 0.0))
     if offset:
         head[rows] += offset * bias_direction(hidden)[None, :]
+    guard_info: dict[str, Any] | None = None
+    strength = float(getattr(cfg, "new_token_guard", 0.0))
+    if getattr(cfg, "keep_text", None) and strength:
+        # Keep-text hidden states [N, d]; its counts are not needed, so only a little text is tokenized.
+        keep_hidden, _ = calibration_statistics(src_path, inp, ext_tok, cfg.keep_text, cfg.calibration_tokens,
+                                                200_000, trust_remote_code=cfg.trust_remote_code)
+        g = guard_direction(keep_hidden, hidden)
+        head[rows] += strength * g[None, :]
+        guard_info = _guard_stats(g, keep_hidden, hidden, strength)
+        log.info("new-token guard %.1f: new logits %+.2f ± %.2f nats on keep text, %+.2f ± %.2f on calibration "
+                 "text", strength, guard_info["keep_mean"], guard_info["keep_std"], guard_info["target_mean"],
+                 guard_info["target_std"])
     base = out if out is not None else inp  # tied: input and output are one matrix
     head = head.to(base.dtype)
     head[: new_ids[0]] = base[: new_ids[0]]  # the source rows, untouched by the float32 round trip
@@ -456,7 +563,36 @@ def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: A
     info = {"applied": True, "positions": int(hidden.shape[0]), "counted_tokens": int(counts.sum()),
             "rows_shifted": len(new_ids), "mean_abs_shift": float(shift[rows].abs().mean()),
             "mean_shift_new": float(shift[rows].mean()), "logit_offset": offset}
+    if guard_info is not None:
+        info["guard"] = guard_info
     return inp, out, info
+
+
+def guard_direction(keep_hidden: Any, target_hidden: Any, ridge: float = 1e-3) -> Any:
+    """g [d]: a linear probe with g·h ≈ -1 at source-language positions and ≈ 0 at target-language ones.
+
+    ``keep_hidden`` [N_k, d] and ``target_hidden`` [N_t, d] are final hidden states on keep text and on
+    calibration text. g minimises mean_k (g·h + 1)² + mean_t (g·h)² + λ|g|² (each text weighted equally,
+    λ = ``ridge`` × the mean squared hidden-state norm, for a well-posed solve in float64). Adding
+    ``G · g`` to the new output rows lowers their logits by about G nats where the context reads like the keep
+    text and leaves them where it reads like the target text: new rows stop taking probability from the
+    source's tokens in its own language without giving up the calibrated level in the new one.
+    """
+    import torch
+
+    hk, ht = keep_hidden.double(), target_hidden.double()
+    gram = hk.T @ hk / hk.shape[0] + ht.T @ ht / ht.shape[0]  # [d, d]
+    lam = ridge * float(torch.trace(gram)) / 2
+    rhs = -hk.mean(0)  # [d]: from the target -1 at every keep position
+    g = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), rhs)
+    return g.float()
+
+
+def _guard_stats(g: Any, keep_hidden: Any, target_hidden: Any, strength: float) -> dict[str, float]:
+    """Mean and spread of the guard's logit change G·g·h on both texts (the report's check of the probe)."""
+    sk, st = strength * (keep_hidden.float() @ g), strength * (target_hidden.float() @ g)
+    return {"strength": strength, "positions_keep": int(sk.shape[0]), "keep_mean": float(sk.mean()),
+            "keep_std": float(sk.std()), "target_mean": float(st.mean()), "target_std": float(st.std())}
 
 
 def _write_config(tmp: Path, source_dir: Path, rows: int) -> None:
@@ -471,6 +607,72 @@ def _write_config(tmp: Path, source_dir: Path, rows: int) -> None:
     for extra in [source_dir / "generation_config.json", *source_dir.glob("*.py")]:
         if extra.is_file():
             shutil.copy2(extra, tmp / extra.name)
+
+
+def extend_card(directory: Path, source_dir: str | Path | None = None, helper_dir: str | Path | None = None) -> str:
+    """The hub model card (``README.md``) of an extend-mode output, from its ``transfer_report.json``.
+
+    Built with :mod:`clp_transfer.model_card`'s helpers so it has the same metadata rules as replace mode's
+    card; the languages are the source's and the helper's (the model is meant to keep the first)."""
+    from . import model_card as mc
+
+    r = json.loads((Path(directory) / "transfer_report.json").read_text(encoding="utf-8"))
+    src, hlp, x, tgt = r["source"], r["helper"], r["extension"], r["target"]
+    source, helper = mc.provenance(source_dir, src["origin"]), mc.provenance(helper_dir, hlp["origin"])
+    language = list(dict.fromkeys(source.language + helper.language))
+    name = mc.final_name(Path(directory))
+    params = ", ".join(f"`{k}={v}`" for k, v in sorted(r.get("params", {}).items())) or "defaults"
+    calib = (r.get("new_rows") or {}).get("calibration") or {}
+    left = ", ".join(f"{k}: {mc._fmt(v)}" for k, v in x["left_out"].items() if v and k != "score_offset")
+    keep = x.get("keep_text_filter")
+    keep_row = (f"`{x['keep_text']}`: {mc._fmt(keep['left_out'])} new tokens that fire on it left out "
+                f"(ratio {keep['ratio']:g}); {mc._fmt(keep['remaining_uses'])} new-token uses remain on it"
+                if keep else "none (new merges may fire inside source-language words)")
+    guard = calib.get("guard")
+    rows = [
+        ("source", f"`{src['origin']}` ({src['kind']}; {mc._fmt(src['vocab_size'])} tokens, {src['tokenizer_family']})"),
+        ("helper", f"`{hlp['origin']}` (tokenizer `{hlp['tokenizer']}`, {mc._fmt(hlp['vocab_size'])} tokens)"),
+        ("method", f"`{r['method']}`, parameters {params}, seed {r.get('seed')}"),
+        ("vocabulary", f"{mc._fmt(tgt['vocab_size'])} tokens: the **{mc._fmt(x['source_tokens'])} source tokens** "
+                       f"with their ids and rows unchanged, then **{mc._fmt(x['new_tokens'])} new** helper tokens "
+                       f"as real vocabulary (rows from `{r['method']}`); left out: {left or 'none'}"),
+        ("keep text", keep_row),
+        ("calibration text", f"`{r['calibration_text']}` (new rows only)" if r.get("calibration_text") else "none"),
+        ("new-token guard", f"{guard['strength']:g} nats: new logits {guard['keep_mean']:+.2f} on keep text, "
+                            f"{guard['target_mean']:+.2f} on calibration text" if guard else "none"),
+        ("embeddings", f"{mc._fmt(tgt['embedding_rows'])} rows ({tgt['dtype']}); "
+                       f"{'tied' if tgt['tied'] else 'untied'} output head"),
+        ("tool", f"clp-transfer {r.get('clp_transfer_version', '?')}; full record in `transfer_report.json`"),
+    ]
+    whence = (f"the license of the source `{src['origin']}`, whose weights this model keeps" if source.license
+              else f"the source `{src['origin']}` names none in its card or GGUF metadata")
+    body = f"""
+# {name}
+
+A causal language model{mc._for_language(language)}, made with clp-transfer's `transfer --mode extend`: the
+source model `{src['origin']}` unchanged, its tokenizer **extended** by the tokens of the helper
+`{hlp['tokenizer']}` that it lacks (added to the tokenizer model as merges/pieces after the source's, so text
+without them is tokenized as before). The new tokens' embeddings are built from the source embeddings of
+shared tokens, weighted by similarity in the helper's embedding space. The new rows have not been trained:
+continue pretraining (`clp-transfer train`) before relying on the new language.
+
+## What was done
+
+{mc._table(rows)}
+
+## Measurements
+
+Bits per byte: not measured by `transfer`. Measure them on held-out text of both languages with
+`clp-transfer perplexity --model {name} --text_files heldout.txt` (comparable across tokenizers).
+
+## License and language
+
+{mc._license_note(source.license, whence)}
+{mc._language_note(language, "neither the source's nor the helper's card names one")}
+{mc._loading(name)}"""
+    tags = [mc.TAG, "vocabulary-extension", "clp", f"transfer-method-{r['method']}"]
+    return mc._render({"language": language, "license": source.license, "library_name": "transformers",
+                       "pipeline_tag": "text-generation", "base_model": source.hub_id, "tags": tags}, body)
 
 
 def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckpt: Any, keys: Any, e_s: Any,
@@ -497,7 +699,20 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         raise ClpError("--no-transfer_untied_head is a replace-mode ablation; in extend mode every source row "
                        "keeps its position anyway")
     t = time.perf_counter()
-    ext = extend_vocabulary(tokenizer_spec(src_tok, "source model"), tokenizer_spec(tgt_tok, "helper model"))
+    s_spec, t_spec = tokenizer_spec(src_tok, "source model"), tokenizer_spec(tgt_tok, "helper model")
+    keep_record: dict[str, Any] | None = None
+    if cfg.keep_text:
+        ratio = float(cfg.keep_text_ratio)
+        if ratio > 0 and not cfg.calibration_text:
+            raise ClpError("--keep_text_ratio > 0 compares the keep text with target text: give --calibration_text "
+                           "or --keep_text_ratio 0")
+        keep_docs = read_keep_text(cfg.keep_text, cfg.keep_text_bytes)
+        target_docs = read_keep_text(cfg.calibration_text, cfg.keep_text_bytes) if ratio > 0 else None
+        ext, keep_record = extend_keeping_text(s_spec, t_spec, keep_docs, target_docs, ratio=ratio)
+    else:
+        log.warning("extend mode without --keep_text: new tokens may fire inside source-language words and "
+                    "take probability there (give source-language text to keep it as it was)")
+        ext = extend_vocabulary(s_spec, t_spec)
     if not ext.new_tokens:
         raise ClpError("the helper's tokenizer has no token the source lacks: there is nothing to extend")
     work = tempfile.TemporaryDirectory(prefix="clp-extend-")
@@ -516,6 +731,11 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
     timings["compute_s"] = time.perf_counter() - t
     full_params = method_params(cfg.method, params)
     calibration: dict[str, Any] | None = None
+    if cfg.keep_text and cfg.new_token_guard and not (spec.wants_calibration(full_params) and cfg.calibration_text):
+        # The guard contrasts keep-text with calibration-text hidden states; it is on by default, so without
+        # the calibration it is skipped rather than refused.
+        log.warning("--new_token_guard needs the output calibration (a calibrating method such as clp and "
+                    "--calibration_text): guard skipped, the new rows may take probability in keep-text contexts")
     if cfg.new_token_logit_offset and not (spec.wants_calibration(full_params) and cfg.calibration_text):
         raise ClpError("--new_token_logit_offset needs the output calibration (a calibrating method such as clp "
                        "and --calibration_text): the offset is measured on the calibration text's hidden states")
@@ -553,7 +773,8 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         "seed": cfg.seed,
         "canonical_matching": cfg.canonical_matching,
         "calibration_text": cfg.calibration_text,
-        "extension": {"source_tokens": v_s, "new_tokens": len(ext.new_tokens), "left_out": ext.dropped},
+        "extension": {"source_tokens": v_s, "new_tokens": len(ext.new_tokens), "left_out": ext.dropped,
+                      "keep_text": cfg.keep_text, "keep_text_filter": keep_record},
         "matching": {**matching, "shared": v_s, "missing": len(ext.new_tokens),
                      "helper_tokens_matched_to_source": matching["shared"]},
         "new_rows": new_stats,
@@ -568,6 +789,9 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         fit_to_source_context(ext_tok, src.path, cfg.trust_remote_code)
         ext_tok.save_pretrained(tmp)
         write_transfer_report(tmp, report, timings, t, t0)
+        from .model_card import write_model_card  # README.md, as replace mode writes one
+
+        write_model_card(tmp, "extend", source_dir=src.path, helper_dir=hlp.path)
     work.cleanup()
     log.info("Extended %s by %d tokens of %s's vocabulary (%s) with method %s: ids 0-%d keep their rows, "
              "new ids %d-%d; %d rows (%s). Took %.1f s. Wrote %s.", src.origin, len(ext.new_tokens),
