@@ -187,7 +187,7 @@ def test_the_lock_is_reentrant_waits_for_caches_and_leaves_no_file(tmp_path, loc
 def test_two_concurrent_transfers_do_not_replace_each_other(tmp_path, pair, monkeypatch):
     """While one transfer computes, a second process on the same --output is refused (it used to succeed and
     silently replace the first one's model)."""
-    import clp_transfer.transfer as mod
+    import clp_transfer.embeddings as mod
 
     out = tmp_path / "out"
     seen = {}
