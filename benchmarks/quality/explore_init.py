@@ -18,9 +18,9 @@ from common import DEFAULT_CACHE, read_jsonl  # noqa: E402
 from bench_init_quality import smollm2_gguf, score  # noqa: E402
 
 from clp_transfer import build_problem as build_transfer_problem  # noqa: E402
-from clp_transfer.methods import EmbeddingProblem, compute_target_embeddings  # noqa: E402
-from clp_transfer.modeling import SafetensorsCheckpoint, find_embedding_keys, load_tokenizer, resolve_model  # noqa: E402
-from clp_transfer.transfer import transfer  # noqa: E402
+from clp_transfer.transfer.methods import EmbeddingProblem, compute_target_embeddings  # noqa: E402
+from clp_transfer.models import SafetensorsCheckpoint, find_embedding_keys, load_tokenizer, resolve_model  # noqa: E402
+from clp_transfer.transfer.pipeline import transfer  # noqa: E402
 
 
 def build_problem(source: Path, helper: Path) -> tuple[EmbeddingProblem, object]:

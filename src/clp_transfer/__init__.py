@@ -13,35 +13,25 @@ prepare (corpus -> token shards), transfer, train (continued pretraining), perpl
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
-    "transfer_embeddings": "clp_transfer.embeddings",
-    "TransferredEmbeddings": "clp_transfer.embeddings",
-    "EmbeddingReport": "clp_transfer.embeddings",
-    "CalibrationStats": "clp_transfer.embeddings",
-    "build_problem": "clp_transfer.embeddings",
-    "match_tokens": "clp_transfer.embeddings",
-    "run_transfer": "clp_transfer.transfer",
-    "TransferConfig": "clp_transfer.transfer",
-    "TransferResult": "clp_transfer.transfer",
-    "EmbeddingProblem": "clp_transfer.methods",
-    "compute_target_embeddings": "clp_transfer.methods",
-    "ClpError": "clp_transfer.errors",
+    "transfer_embeddings": ".transfer.embeddings",
+    "TransferredEmbeddings": ".transfer.embeddings",
+    "EmbeddingReport": ".transfer.embeddings",
+    "CalibrationStats": ".transfer.embeddings",
+    "build_problem": ".transfer.embeddings",
+    "match_tokens": ".transfer.embeddings",
+    "run_transfer": ".transfer.pipeline",
+    "TransferConfig": ".transfer.pipeline",
+    "TransferResult": ".transfer.pipeline",
+    "EmbeddingProblem": ".transfer.methods",
+    "compute_target_embeddings": ".transfer.methods",
+    "ClpError": ".errors",
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'clp_transfer' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -21,15 +21,15 @@ from .errors import ClpError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("clp_transfer.prepare", "build the pretraining corpus: split, tokenize, pack into shards"),
-    "transfer": ("clp_transfer.transfer", "initialise a target-language model from a source and a helper model"),
-    "train": ("clp_transfer.train", "continued pretraining with embedding-tuning phases"),
-    "perplexity": ("clp_transfer.perplexity", "token perplexity, bits per byte and word perplexity on text"),
-    "evaluate": ("clp_transfer.evaluate", "downstream tasks through lm-evaluation-harness"),
-    "make-tasks": ("clp_transfer.tasks", "build local lm-eval tasks from your own text and word pairs"),
-    "compare": ("clp_transfer.compare", "print and plot several models' results side by side"),
-    "helper": ("clp_transfer.helper", "train a small target-language helper (tokenizer + LM, or --kind embeddings: token vectors) from text"),
-    "demo": ("clp_transfer.demo", "the whole pipeline offline on a real English model"),
+    "prepare": ("clp_transfer.data.pipeline", "build the pretraining corpus: split, tokenize, pack into shards"),
+    "transfer": ("clp_transfer.transfer.pipeline", "initialise a target-language model from a source and a helper model"),
+    "train": ("clp_transfer.train.loop", "continued pretraining with embedding-tuning phases"),
+    "perplexity": ("clp_transfer.evaluate.perplexity", "token perplexity, bits per byte and word perplexity on text"),
+    "evaluate": ("clp_transfer.evaluate.harness", "downstream tasks through lm-evaluation-harness"),
+    "make-tasks": ("clp_transfer.evaluate.tasks", "build local lm-eval tasks from your own text and word pairs"),
+    "compare": ("clp_transfer.evaluate.compare", "print and plot several models' results side by side"),
+    "helper": ("clp_transfer.transfer.helper", "train a small target-language helper (tokenizer + LM, or --kind embeddings: token vectors) from text"),
+    "demo": ("clp_transfer.demo.run", "the whole pipeline offline on a real English model"),
 }
 
 log = logging.getLogger("clp_transfer")

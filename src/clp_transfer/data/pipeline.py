@@ -15,14 +15,14 @@ holding at least N + M bytes, valid is what follows train in that prefix, and no
 Outputs (``output_dir``, written to a temporary sibling and renamed into place when complete):
 
 - ``train.jsonl``, ``valid.jsonl``: the documents, one ``{"text": ...}`` per line;
-- with ``--tokenizer``: ``tokens/<split>/index.json`` + ``NNNNN.bin`` (:mod:`clp_transfer.shards`), the ids of
+- with ``--tokenizer``: ``tokens/<split>/index.json`` + ``NNNNN.bin`` (:mod:`clp_transfer.data.shards`), the ids of
   every document followed by EOS, uint16 when the vocabulary fits, else uint32;
 - ``stats.json``: documents, bytes, tokens and tokens per byte per split, tokenizer name and hash, source, seed.
 
 Tokenization works on chunks of about 1 MB with a bounded number of chunks in flight, and the results are
 written in order, so the output does not depend on ``num_proc`` and memory does not grow with the corpus.
 By default (``--parallelism processes``) ``num_proc`` single-threaded worker processes each encode a whole
-chunk: an exact word cache first (:mod:`clp_transfer.prepare_tokenize`; byte-level BPE tokenizers), then the
+chunk: an exact word cache first (:mod:`clp_transfer.data.encode`; byte-level BPE tokenizers), then the
 Rust tokenizer (``encode_batch_fast``, no offsets) for what it does not hold. ``--parallelism threads`` keeps
 everything in one process: a background thread hands each chunk to the Rust tokenizer, which splits it over
 ``num_proc`` threads of its own pool and releases the GIL meanwhile, while the main thread reads and writes
@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from . import __version__
-from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
-from .config import add_dataclass_arguments, build_config, load_yaml
-from .errors import ClpError
-from .prepare_sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
-from .prepare_tokenize import EncoderSpec, plan_piece_cache
+from .. import __version__
+from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from ..config import add_dataclass_arguments, build_config, load_yaml
+from ..errors import ClpError
+from .sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
+from .encode import EncoderSpec, plan_piece_cache
 from .shards import ShardWriter, TokenShards, dtype_for_vocab, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class _ChunkRunner:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            from .prepare_tokenize import init_worker
+            from .encode import init_worker
 
             self.max_in_flight = 2 * num_proc + 1
             self.executor = ProcessPoolExecutor(
@@ -231,7 +231,7 @@ class _ChunkRunner:
                 initializer=init_worker, initargs=(spec, os.getpid()),
             )
             return
-        from .prepare_tokenize import Encoder, use_rust_threads
+        from .encode import Encoder, use_rust_threads
 
         if self.mode == "threads":
             from concurrent.futures import ThreadPoolExecutor
@@ -251,7 +251,7 @@ class _ChunkRunner:
         if self.mode == "threads":
             fut = self.executor.submit(self.encoder.encode, texts)  # type: ignore[union-attr]
         else:
-            from .prepare_tokenize import encode_in_worker
+            from .encode import encode_in_worker
 
             fut = self.executor.submit(encode_in_worker, texts)  # type: ignore[union-attr]
         self.pending.append((tag, fut))

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .atomic import atomic_write_text
-from .errors import ClpError
-from .modeling import cache_dir
+from ..atomic import atomic_write_text
+from ..errors import ClpError
+from ..models import cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 What the wrapper adds to the harness:
 
-- **safe loading**: the model is loaded by :mod:`clp_transfer.eval_loading` (safetensors only unless
+- **safe loading**: the model is loaded by :mod:`clp_transfer.models` (safetensors only unless
   ``allow_pickle``; remote code only when asked) and handed to the harness as an ``HFLM`` instance;
 - **presets**: ``german-2025`` is the German tasks upstream lm-eval 0.4.x ships (ARC, HellaSwag, MMLU,
   Global-MMLU, TruthfulQA, Belebele, XNLI, PAWS-X, LAMBADA; see :data:`GERMAN_2025_PRESET`), the choice with
@@ -42,11 +42,11 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from . import __version__
-from .atomic import atomic_write_json, atomic_write_text, check_output_path
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError, UnknownNameError
-from .registry import Registry
+from .. import __version__
+from ..atomic import atomic_write_json, atomic_write_text, check_output_path
+from ..config import add_dataclass_arguments, build_config
+from ..errors import ClpError, UnknownNameError
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -572,7 +572,7 @@ def _harness_model(model: Any, tokenizer: Any, batch_size: int, max_length: int 
     if isinstance(model, HFLM):
         return model, str(getattr(model, "pretrained", "model"))
     if isinstance(model, (str, os.PathLike)):
-        from .eval_loading import load_for_eval
+        from ..models import load_for_eval
 
         loaded = load_for_eval(model, tokenizer=tokenizer, **load_options)
         lm, tok, name = loaded.model, loaded.tokenizer, loaded.name

@@ -15,7 +15,7 @@ builds one from text files:
    into place.
 
 ``--kind embeddings`` builds a helper *space* instead - the tokenizer plus skip-gram token vectors, in
-minutes (:mod:`clp_transfer.helper_space`); ``transfer --helper`` takes either.
+minutes (:mod:`clp_transfer.transfer.helper_space`); ``transfer --helper`` takes either.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .atomic import atomic_directory, check_output_path, claim_output
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError
+from ..atomic import atomic_directory, check_output_path, claim_output
+from ..config import add_dataclass_arguments, build_config
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def _train_helper(config: HelperConfig) -> Path:
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .tiny import train_tokenizer, tiny_model
+    from ..tiny import train_tokenizer, tiny_model
 
     cfg = config
     t_start = time.perf_counter()
@@ -409,7 +409,7 @@ def _train_helper(config: HelperConfig) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            from .model_card import write_model_card  # README.md: the hub model card, built from the report
+            from ..model_card import write_model_card  # README.md: the hub model card, built from the report
 
             write_model_card(tmp, "helper")
     finally:
@@ -462,7 +462,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--kind", choices=["model", "embeddings"], default="model",
                         help="model: tokenizer + small causal LM (default); embeddings: tokenizer + skip-gram "
-                             "token vectors, a helper space built in minutes (clp_transfer.helper_space)")
+                             "token vectors, a helper space built in minutes (clp_transfer.transfer.helper_space)")
     add_dataclass_arguments(parser, HelperConfig)
     group = parser.add_argument_group("--kind embeddings only")
     add_dataclass_arguments(group, SpaceConfig, skip=tuple(_fields(HelperConfig)))

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ClpError
+from ..errors import ClpError
 
 FORMAT_NAME = "clp-transfer-shards"
 FORMAT_VERSION = 1

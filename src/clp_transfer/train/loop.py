@@ -41,14 +41,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_directory, atomic_write_json, atomic_write_text, check_disjoint, output_lock
-from .config import add_dataclass_arguments, build_config, load_yaml, to_yaml
-from .errors import ClpError
-from .eval_loading import context_length
+from ..atomic import atomic_directory, atomic_write_json, atomic_write_text, check_disjoint, output_lock
+from ..config import add_dataclass_arguments, build_config, load_yaml, to_yaml
+from ..errors import ClpError
+from ..models import context_length
 from .schedule import (BlockOrder, Phase, micro_batch_samples, phase_at, plan_phases, samples_before,
                        steps_for_tokens)
-from .shards import TokenShards
-from .train_config import TrainConfig
+from ..data import TokenShards
+from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[Any, Any, str]:
     """The model to train (fp32 weights; mixed precision is accelerate's autocast) and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import load_tokenizer, resolve_model
+    from ..models import load_tokenizer, resolve_model
 
     if cfg.from_scratch:
         src = Path(cfg.model_config or cfg.model)  # type: ignore[arg-type]
@@ -294,7 +294,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     """
     import zipfile
 
-    from .modeling import safetensors_problem
+    from ..models import safetensors_problem
 
     for f in sorted(ckpt.iterdir()):
         why = None
@@ -539,7 +539,7 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    from .modeling import default_device
+    from ..models import default_device
 
     # cpu=True when no accelerator exists: that is what lets accelerate run DDP over gloo on CPU processes.
     accelerator = Accelerator(mixed_precision=mp, cpu=default_device().type == "cpu",
@@ -769,7 +769,7 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
             "last_eval": last_eval, "resumed_from_step": start_step if resume_from else None,
             "processes": world, "mixed_precision": mp,
         })
-        from .model_card import write_model_card  # final/README.md: the hub model card, from the records above
+        from ..model_card import write_model_card  # final/README.md: the hub model card, from the records above
 
         write_model_card(final_dir, "train", run_dir=run_dir)
     accelerator.wait_for_everyone()

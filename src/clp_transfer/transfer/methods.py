@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ClpError, NonFiniteEmbeddingsError
-from .registry import Registry
+from ..errors import ClpError, NonFiniteEmbeddingsError
+from ..registry import Registry
 
 CHUNK = 1024  # missing tokens per similarity block: [CHUNK, |S|] floats at a time
 

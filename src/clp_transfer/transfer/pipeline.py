@@ -1,11 +1,11 @@
 """``transfer``: a source model + a target-language helper -> a target-language model.
 
-File I/O around :mod:`clp_transfer.methods`:
+File I/O around :mod:`clp_transfer.transfer.methods`:
 
 1. resolve source and helper to local safetensors directories (GGUF and hub ids included);
 2. read the three small things the maths needs: source embeddings (and untied head), helper embeddings,
    and the two vocabularies — never the whole models;
-3. match vocabularies canonically (:mod:`clp_transfer.tokens`) and compute the new matrices;
+3. match vocabularies canonically (:mod:`clp_transfer.transfer.tokens`) and compute the new matrices;
 4. copy the source checkpoint shard by shard with the embedding tensors replaced, write config, tokenizer and
    ``transfer_report.json`` into a temporary directory and rename it into place.
 
@@ -28,15 +28,16 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from .. import __version__
+from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from .calibration import calibration_statistics
 from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, update_chat_configs
 from .chat import summary as chat_summary
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError
+from ..config import add_dataclass_arguments, build_config
+from ..errors import ClpError
 from .embeddings import TransferredEmbeddings, match_tokens, padded_rows, transfer_embeddings
 from .methods import METHODS, EmbeddingSolution
-from .modeling import (
+from ..models import (
     WEIGHTS_INDEX,
     EmbeddingKeys,
     ModelFiles,
@@ -65,7 +66,7 @@ class TransferConfig:
     embeddings`); its tokenizer becomes the target tokenizer. Not needed with --helper_text."""
     helper_text: list[str] = field(default_factory=list)
     """Instead of --helper: target-language text files from which a helper space (skip-gram token vectors) is
-    built on the fly, for --target_tokenizer or for a tokenizer trained on the text (clp_transfer.helper_space)."""
+    built on the fly, for --target_tokenizer or for a tokenizer trained on the text (clp_transfer.transfer.helper_space)."""
     target_tokenizer: str | None = None
     """With --helper_text: the target tokenizer (default: train a 16k byte-level BPE on the text)."""
     helper_text_cpu_minutes: float | None = None
@@ -185,72 +186,6 @@ def _update_config(cfg: dict[str, Any], rows: int, roles: dict[str, int]) -> dic
     return cfg
 
 
-def calibration_statistics(
-    source_dir: Path,
-    input_rows: torch.Tensor,
-    tokenizer: Any,
-    text: str,
-    positions: int = 4096,
-    count_bytes: int = 16_000_000,
-    seq_len: int = 512,
-    trust_remote_code: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the output calibration needs, from target-language text (the file ``text``).
-
-    Returns ``hidden`` [N, d]: the final (normalised) hidden states of the source body fed with the target
-    input rows ``input_rows`` [R, d], at N = ``positions`` positions of the text (documents joined by the
-    tokenizer's document separator; up to ``seq_len`` tokens from each of documents taken in a fixed
-    pseudo-random order, so sorted files are sampled evenly; cut into sequences of ``seq_len``), and
-    ``counts`` [V_t]: how often each target token occurs in the first ``count_bytes`` bytes of the text
-    (plus one separator per document).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .perplexity import prefix_rule, read_documents
-
-    if positions < 1 or count_bytes < 1:
-        raise ClpError("calibration_tokens and calibration_count_bytes must be positive")
-    path = Path(text)
-    if not path.is_file():
-        raise ClpError(f"calibration text {text!r} does not exist; give a .txt or .jsonl file of target text")
-    sep, _ = prefix_rule(tokenizer)
-    v_t = len(tokenizer)
-    docs: list[list[int]] = []
-    n_bytes = 0
-    for doc in read_documents(path):
-        docs.append(([sep] if sep is not None else []) + tokenizer(doc, add_special_tokens=False)["input_ids"])
-        n_bytes += len(doc.encode("utf-8"))
-        if n_bytes >= count_bytes:
-            break
-    if not docs or sum(len(d) for d in docs) < 2:
-        raise ClpError(f"calibration text {text!r} has no usable documents")
-    counts = torch.zeros(v_t, dtype=torch.float64)
-    for d in docs:
-        counts += torch.bincount(torch.tensor(d, dtype=torch.long), minlength=v_t)[:v_t].double()
-    # Forward positions from documents spread over the whole text (files are often sorted by source), at most
-    # seq_len tokens of each, in a fixed pseudo-random order.
-    stream: list[int] = []
-    for i in torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist():
-        stream.extend(docs[i][:seq_len])
-        if len(stream) >= positions:
-            break
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval()
-    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(input_rows.float(), freeze=True))
-    from .eval_loading import context_length
-
-    ctx = context_length(model) or seq_len
-    seq_len = max(1, min(seq_len, ctx))
-    ids = torch.tensor(stream[:positions])
-    hidden = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(ids), seq_len), desc="calibration pass", unit="seq", leave=False):
-            out = model.base_model(input_ids=ids[start:start + seq_len][None]).last_hidden_state
-            hidden.append(out[0].float())
-    del model
-    return torch.cat(hidden), counts.float()
-
-
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -350,7 +285,7 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
     with atomic_directory(out_path, overwrite=cfg.overwrite, inputs=[inputs.src.path, inputs.hlp.path]) as tmp:
         _write_model(tmp, cfg, inputs, result, chat, report)
         write_transfer_report(tmp, report, inputs.timings, t, t0)
-        from .model_card import write_model_card  # README.md: the hub model card, built from the report
+        from ..model_card import write_model_card  # README.md: the hub model card, built from the report
 
         write_model_card(tmp, "transfer", source_dir=inputs.src.path, helper_dir=inputs.hlp.path)
     log.info("%s", summary(report, out_path))
@@ -499,7 +434,7 @@ def fit_to_source_context(tokenizer: Any, source_dir: Path, trust_remote_code: b
     blocks would make the target tokenizer warn about (and truncate at) the helper's length."""
     from transformers import AutoConfig
 
-    from .eval_loading import context_length
+    from ..models import context_length
 
     context = context_length(AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code))
     if context:

@@ -1,6 +1,6 @@
 """The transfer in memory: embedding matrices and two vocabularies in, new matrices and a typed report out.
 
-No file I/O and no model is loaded: this is what :func:`clp_transfer.transfer` runs between reading the
+No file I/O and no model is loaded: this is what :func:`clp_transfer.transfer.pipeline` runs between reading the
 checkpoints and writing the target model, and what a notebook calls with matrices it already holds::
 
     from clp_transfer import transfer_embeddings
@@ -10,7 +10,7 @@ checkpoints and writing the target model, and what a notebook calls with matrice
     result.report.matching  # how many target tokens reuse a source row, how many are new
 
 Three steps, each usable on its own: :func:`match_tokens` (vocabulary matching), :func:`build_problem`
-(the :class:`~clp_transfer.methods.EmbeddingProblem` of a method) and :func:`solve` (the method's rows, then
+(the :class:`~clp_transfer.transfer.methods.EmbeddingProblem` of a method) and :func:`solve` (the method's rows, then
 the optional output calibration as a separate step on those rows).
 """
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Union
 
 import torch
 
-from .errors import ClpError
+from ..errors import ClpError
 from .methods import (METHODS, EmbeddingProblem, EmbeddingSolution, calibrate_solution, compute_target_embeddings,
                       method_params)
 from .tokens import TokenMatch, VocabInfo, decompose, detect_style, match_vocabularies
@@ -32,7 +32,7 @@ from .tokens import TokenMatch, VocabInfo, decompose, detect_style, match_vocabu
 log = logging.getLogger(__name__)
 
 VocabLike = Union[VocabInfo, Mapping[str, int], Any]
-"""A Hugging Face tokenizer, a ``{token: id}`` dict, or a :class:`~clp_transfer.tokens.VocabInfo`."""
+"""A Hugging Face tokenizer, a ``{token: id}`` dict, or a :class:`~clp_transfer.transfer.tokens.VocabInfo`."""
 
 
 @dataclass

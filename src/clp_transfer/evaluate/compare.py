@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import atomic_write_bytes, atomic_write_text, check_output_path
-from .errors import ClpError
+from ..atomic import atomic_write_bytes, atomic_write_text, check_output_path
+from ..errors import ClpError
 
 LOWER_IS_BETTER = ("bits_per_byte", "perplexity", "loss", "byte_perplexity", "word_perplexity", "ter", "wer")
 _SKIP_KEYS = ("alias", "name", "sample_len", "samples")

