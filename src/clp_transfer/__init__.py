@@ -17,21 +17,12 @@ from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_EXPORTS: dict[str, str] = {
-    "transfer_embeddings": ".transfer.embeddings",
-    "TransferredEmbeddings": ".transfer.embeddings",
-    "EmbeddingReport": ".transfer.embeddings",
-    "CalibrationStats": ".transfer.embeddings",
-    "build_problem": ".transfer.embeddings",
-    "match_tokens": ".transfer.embeddings",
-    "run_transfer": ".transfer.pipeline",
-    "TransferConfig": ".transfer.pipeline",
-    "TransferResult": ".transfer.pipeline",
-    "EmbeddingProblem": ".transfer.methods",
-    "compute_target_embeddings": ".transfer.methods",
-    "ClpError": ".errors",
+_MODULES = {  # module -> the public names it defines
+    ".transfer.embeddings": "transfer_embeddings TransferredEmbeddings EmbeddingReport CalibrationStats build_problem match_tokens",
+    ".transfer.pipeline": "run_transfer TransferConfig TransferResult",
+    ".transfer.methods": "EmbeddingProblem compute_target_embeddings",
+    ".errors": "ClpError",
 }
 
-__all__ = ["__version__", *_EXPORTS]
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = ["__version__", *(name for names in _MODULES.values() for name in names.split())]
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

@@ -7,9 +7,10 @@ import importlib
 from typing import Any, Callable
 
 
-def lazy_exports(package: str, exports: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
-    """``(__getattr__, __dir__)`` for ``package`` whose public name N lives in module ``exports[N]``
-    (relative to the package, e.g. ``".shards"``)."""
+def lazy_exports(package: str, modules: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``(__getattr__, __dir__)`` for ``package``, whose module ``m`` (relative, e.g. ``".shards"``) defines
+    the space-separated public names ``modules[m]``."""
+    exports = {name: module for module, names in modules.items() for name in names.split()}
 
     def __getattr__(name: str) -> Any:
         if name in exports:

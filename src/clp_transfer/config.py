@@ -1,9 +1,10 @@
 """Dataclass configs <-> command line flags <-> YAML files.
 
 Every pipeline stage is configured by a dataclass whose fields carry a docstring (an attribute docstring,
-the string literal right below the field). This module turns such a dataclass into ``argparse`` flags (the
-docstring becomes the help text), reads YAML files that mirror the dataclass, and merges
-defaults < YAML < flags given on the command line.
+the string literal right below the field). This module turns such a dataclass into flags on the command's
+parser (the docstring becomes the help text). The parser itself is a ``jsonargparse.ArgumentParser`` (see
+:mod:`clp_transfer.cli`), which reads ``--config`` YAML files that mirror the dataclass, checks their keys
+and types against these flags, and merges defaults < YAML < flags given on the command line.
 
 Flags accept both spellings, ``--learning_rate`` (Hugging Face style) and ``--learning-rate``.
 """
@@ -61,8 +62,19 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _float(text: str) -> float:
+    """A float flag's value; non-finite values are parsed here and refused by :func:`from_dict` with the
+    flag's name (the parser's own float check would reject them with a generic message)."""
+    return float(text)
+
+
+_float.__name__ = "float"  # argparse names the type in its errors: "invalid float value"
+
+
 def _converter(tp: Any):
-    if tp in (int, float, str):
+    if tp is float:
+        return _float
+    if tp in (int, str):
         return tp
     if tp is Path:
         return Path
@@ -137,8 +149,23 @@ def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
     return cls(**coerced)
 
 
-def build_config(cls: type[C], args: argparse.Namespace, yaml_path: str | Path | None = None) -> C:
-    """Defaults < YAML file < flags given on the command line."""
+def require_flags(cls: type, args: Any, one_of: list[tuple[str, ...]] = ()) -> None:
+    """Refuse a command whose flags (and ``--config`` file) leave a required field of ``cls`` unset: the fields
+    without a default, and for each group in ``one_of`` at least one of its fields."""
+    given = set(vars(args))
+    missing = [f"--{f.name}" for f in dataclasses.fields(cls)
+               if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+               and f.name not in given]
+    for group in one_of:
+        if not given & set(group):
+            missing.append(f"--{group[0]}" + "".join(f" (or --{g})" for g in group[1:]))
+    if missing:
+        raise ClpError(f"missing required flags: {' '.join(missing)}")
+
+
+def build_config(cls: type[C], args: Any, yaml_path: str | Path | None = None) -> C:
+    """Defaults < YAML file < flags given on the command line (``args`` holds both when the command's parser
+    read its ``--config``; ``yaml_path`` reads one more file below the flags)."""
     values: dict[str, Any] = {}
     if yaml_path:
         values.update(load_yaml(yaml_path))

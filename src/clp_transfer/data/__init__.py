@@ -2,20 +2,10 @@
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "prepare": ".pipeline",
-    "run_prepare": ".pipeline",
-    "PrepareConfig": ".pipeline",
-    "PrepareResult": ".pipeline",
-    "TokenShards": ".shards",
-    "ShardIndex": ".shards",
-    "ShardWriter": ".shards",
-    "tokenizer_fingerprint": ".shards",
-    "dtype_for_vocab": ".shards",
-    "read_documents": ".text",
-    "open_text": ".text",
-    "count_lines": ".text",
-    "resolve_text_sources": ".text",
+_MODULES = {  # module -> the public names it defines
+    ".pipeline": "prepare run_prepare PrepareConfig PrepareResult",
+    ".shards": "TokenShards ShardIndex ShardWriter tokenizer_fingerprint dtype_for_vocab",
+    ".text": "read_documents open_text count_lines resolve_text_sources",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names.split())
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

@@ -48,7 +48,7 @@ from typing import Any, Iterator, Literal
 
 from .. import __version__
 from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
-from ..config import add_dataclass_arguments, build_config, load_yaml
+from ..config import add_dataclass_arguments, build_config, require_flags
 from ..errors import ClpError
 from .sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
 from .encode import EncoderSpec, plan_piece_cache
@@ -570,8 +570,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--output_dir data/de --subsample_size_mb 100 --tokenizer models/gpt2-de --block_size 512"
     )
     add_dataclass_arguments(parser, PrepareConfig)
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="YAML file with PrepareConfig fields (flags given on the command line win)")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -596,12 +594,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    given = dict(load_yaml(args.config)) if getattr(args, "config", None) else {}
-    given.update({k: v for k, v in vars(args).items() if k != "config"})
-    missing = [f"--{n}" for n in ("output_dir", "subsample_size_mb") if n not in given]
-    if missing:
-        raise ClpError(f"missing required flags: {' '.join(missing)}")
-    cfg = build_config(PrepareConfig, args, yaml_path=getattr(args, "config", None))
+    require_flags(PrepareConfig, args)
+    cfg = build_config(PrepareConfig, args)
     with _sigterm_as_interrupt():
         result = run_prepare(cfg)
     st = result.stats

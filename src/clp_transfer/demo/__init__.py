@@ -2,9 +2,8 @@
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "run_demo": ".run",
-    "DemoConfig": ".run",
+_MODULES = {  # module -> the public names it defines
+    ".run": "run_demo DemoConfig",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names.split())
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

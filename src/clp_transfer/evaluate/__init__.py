@@ -2,18 +2,11 @@
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "evaluate": ".harness",
-    "run_evaluate": ".harness",
-    "EvaluateConfig": ".harness",
-    "run_perplexity": ".perplexity",
-    "PerplexityConfig": ".perplexity",
-    "PerplexityResult": ".perplexity",
-    "score_documents": ".perplexity",
-    "score_token_stream": ".perplexity",
-    "make_tasks": ".tasks",
-    "MakeTasksConfig": ".tasks",
-    "plot_comparison": ".compare",
+_MODULES = {  # module -> the public names it defines
+    ".harness": "evaluate run_evaluate EvaluateConfig",
+    ".perplexity": "run_perplexity PerplexityConfig PerplexityResult score_documents score_token_stream",
+    ".tasks": "make_tasks MakeTasksConfig",
+    ".compare": "plot_comparison",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names.split())
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

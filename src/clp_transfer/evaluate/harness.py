@@ -44,7 +44,7 @@ import yaml
 
 from .. import __version__
 from ..atomic import atomic_write_json, atomic_write_text, check_output_path
-from ..config import add_dataclass_arguments, build_config
+from ..config import add_dataclass_arguments, build_config, require_flags
 from ..errors import ClpError, UnknownNameError
 from ..registry import Registry
 
@@ -611,7 +611,6 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, EvaluateConfig)
-    parser.add_argument("--config", help="YAML file with the fields above (flags override it)")
     parser.add_argument("--list-presets", action="store_true", help="show the task presets and exit")
 
 
@@ -622,10 +621,8 @@ def cli_main(args: argparse.Namespace) -> int:
         return 0
     if getattr(args, "offline", False):
         go_offline()  # before transformers/datasets are imported
-    cfg = build_config(EvaluateConfig, args, getattr(args, "config", None)) if (
-        hasattr(args, "model") or getattr(args, "config", None)) else None
-    if cfg is None:
-        raise ClpError("missing required flag: --model")
+    require_flags(EvaluateConfig, args)
+    cfg = build_config(EvaluateConfig, args)
     if not cfg.tasks:
         raise ClpError("missing required flag: --tasks (task names or a preset: " + ", ".join(PRESETS) + ")")
     result = run_evaluate(cfg)

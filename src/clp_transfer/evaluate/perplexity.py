@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write_json, check_output_path
-from ..config import add_dataclass_arguments, build_config
+from ..config import add_dataclass_arguments, build_config, require_flags
 from ..data import count_lines, read_documents, resolve_text_sources  # noqa: F401 (re-exported)
 from ..errors import ClpError
 from ..models import prefix_rule  # noqa: F401 (re-exported)
@@ -678,13 +678,11 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, PerplexityConfig)
-    parser.add_argument("--config", help="YAML file with the fields above (flags override it)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    if not hasattr(args, "model") and not getattr(args, "config", None):
-        raise ClpError("missing required flag: --model")
-    cfg = build_config(PerplexityConfig, args, getattr(args, "config", None))
+    require_flags(PerplexityConfig, args)
+    cfg = build_config(PerplexityConfig, args)
     result = run_perplexity(cfg)
     print(result.summary())
     if cfg.output:

@@ -2,12 +2,10 @@
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "train": ".loop",
-    "TrainResult": ".loop",
-    "TrainConfig": ".config",
-    "Phase": ".schedule",
-    "plan_phases": ".schedule",
+_MODULES = {  # module -> the public names it defines
+    ".loop": "train TrainResult",
+    ".config": "TrainConfig",
+    ".schedule": "Phase plan_phases",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names.split())
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

@@ -788,12 +788,11 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with TrainConfig fields (flags given here override it)")
     add_dataclass_arguments(parser, TrainConfig)
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    cfg = build_config(TrainConfig, args, getattr(args, "config", None))
+    cfg = build_config(TrainConfig, args)
     result = train(cfg)
     summary = f"trained {result.steps} steps, {result.tokens_seen:,} tokens"
     if result.final_eval:

@@ -3,25 +3,11 @@
 
 from .._lazy import lazy_exports
 
-_EXPORTS = {
-    "transfer": ".pipeline",
-    "run_transfer": ".pipeline",
-    "TransferConfig": ".pipeline",
-    "TransferResult": ".pipeline",
-    "transfer_embeddings": ".embeddings",
-    "TransferredEmbeddings": ".embeddings",
-    "EmbeddingReport": ".embeddings",
-    "CalibrationStats": ".embeddings",
-    "TransferProblem": ".embeddings",
-    "build_problem": ".embeddings",
-    "match_tokens": ".embeddings",
-    "solve": ".embeddings",
-    "train_helper": ".helper",
-    "HelperConfig": ".helper",
-    "build_helper_space": ".helper_space",
-    "SpaceConfig": ".helper_space",
-    "load_helper_space": ".helper_space",
-    "is_helper_space": ".helper_space",
+_MODULES = {  # module -> the public names it defines
+    ".pipeline": "transfer run_transfer TransferConfig TransferResult",
+    ".embeddings": "transfer_embeddings TransferredEmbeddings EmbeddingReport CalibrationStats TransferProblem build_problem match_tokens solve",
+    ".helper": "train_helper HelperConfig",
+    ".helper_space": "build_helper_space SpaceConfig load_helper_space is_helper_space",
 }
-__all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _MODULES.values() for name in names.split())
+__getattr__, __dir__ = lazy_exports(__name__, _MODULES)

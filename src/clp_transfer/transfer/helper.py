@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..atomic import atomic_directory, check_output_path, claim_output
-from ..config import add_dataclass_arguments, build_config
+from ..config import add_dataclass_arguments, build_config, require_flags
 from ..errors import ClpError
 
 log = logging.getLogger(__name__)
@@ -466,14 +466,12 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, HelperConfig)
     group = parser.add_argument_group("--kind embeddings only")
     add_dataclass_arguments(group, SpaceConfig, skip=tuple(_fields(HelperConfig)))
-    parser.add_argument("--config", dest="config_file", default=None,
-                        help="YAML file with HelperConfig fields (flags given on the command line win)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     from . import helper_space
 
-    given = set(vars(args)) - {"kind", "config_file"}
+    given = set(vars(args)) - {"kind", "config"}
     own, other = (_fields(helper_space.SpaceConfig), _fields(HelperConfig))
     if args.kind == "model":
         own, other = other, own
@@ -481,17 +479,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if stray:
         raise ClpError(f"--{stray[0]} does not apply to --kind {args.kind}")
     if args.kind == "embeddings":
-        if getattr(args, "config_file", None):
-            raise ClpError("--config applies to --kind model only")
         return helper_space.cli_main(args)
-    cfg_file = getattr(args, "config_file", None)
-    if not cfg_file:
-        missing = [f"--{n}" for n in ("text", "output_dir") if not hasattr(args, n)]
-        if missing:
-            raise ClpError(f"missing required flags: {' '.join(missing)}")
-    try:
-        cfg = build_config(HelperConfig, args, cfg_file)
-    except TypeError as e:  # a required field missing from the YAML file as well
-        raise ClpError(f"incomplete configuration: {e}; pass --text and --output_dir") from None
+    require_flags(HelperConfig, args)
+    cfg = build_config(HelperConfig, args)
     train_helper(cfg)  # logs its one-paragraph summary to stderr
     return 0

@@ -467,8 +467,8 @@ def cli_main(args: argparse.Namespace) -> int:
     from ..config import from_dict
 
     names = {f.name for f in dataclasses.fields(SpaceConfig)}
-    missing = [f"--{n}" for n in ("text", "output_dir") if not hasattr(args, n)]
-    if missing:
-        raise ClpError(f"missing required flags: {' '.join(missing)}")
+    from ..config import require_flags
+
+    require_flags(SpaceConfig, args)
     build_helper_space(from_dict(SpaceConfig, {k: v for k, v in vars(args).items() if k in names}, where="flags"))
     return 0

@@ -33,7 +33,7 @@ from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_
 from .calibration import calibration_statistics
 from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, update_chat_configs
 from .chat import summary as chat_summary
-from ..config import add_dataclass_arguments, build_config
+from ..config import add_dataclass_arguments, build_config, require_flags
 from ..errors import ClpError
 from .embeddings import TransferredEmbeddings, match_tokens, padded_rows, transfer_embeddings
 from .methods import METHODS, EmbeddingSolution
@@ -555,11 +555,7 @@ def cli_main(args: argparse.Namespace) -> int:
             defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
             print(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
         return 0
-    missing = [f"--{n}" for n in ("source", "output") if not hasattr(args, n)]
-    if not hasattr(args, "helper") and not hasattr(args, "helper_text"):
-        missing.append("--helper (or --helper_text)")
-    if missing:
-        raise ClpError(f"missing required flags: {' '.join(missing)}")
+    require_flags(TransferConfig, args, one_of=[("helper", "helper_text")])
     cfg = build_config(TransferConfig, args)
     run_transfer(cfg)  # logs its one-paragraph summary to stderr
     return 0
