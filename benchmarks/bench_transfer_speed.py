@@ -36,7 +36,6 @@ def make_problem(args):
 
 
 def child(args) -> dict:
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)

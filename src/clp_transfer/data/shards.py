@@ -141,10 +141,6 @@ class TokenShards:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    @property
-    def bytes_per_token(self) -> float:
-        return self.index.num_bytes / max(1, self.index.num_tokens)
-
     def read(self, start: int, length: int) -> np.ndarray:
         """ids[start:start+length] as int64, crossing shard boundaries when needed."""
         if start < 0 or start + length > len(self):

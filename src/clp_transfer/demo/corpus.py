@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -152,6 +151,3 @@ def split_documents(docs: list[str], heldout_fraction: float, seed: int = 0) -> 
         (heldout if h < heldout_fraction else train).append(doc)
     return train, heldout
 
-
-def have_package_client() -> bool:
-    return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None

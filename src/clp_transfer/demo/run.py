@@ -308,10 +308,11 @@ def train_model(model_dir: Path, data_dir: Path, out_dir: Path, cfg: DemoConfig)
 
 def plot_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path | None:
     """Validation bits per byte (the last 5% of the training text) against training steps, one line per run."""
-    import matplotlib
+    from ..plotting import optional_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_pyplot("the learning-curve plot")
+    if plt is None:
+        return None
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     drawn = False
@@ -428,7 +429,6 @@ def run_demo(cfg: DemoConfig) -> Path:
     import torch
 
     from ..models import resolve_model
-    from ..transfer import transfer
 
     out = check_output_path(cfg.output_dir, cfg.overwrite, what="demo output directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -450,6 +450,47 @@ def run_demo(cfg: DemoConfig) -> Path:
         source = Path(cfg.source) if cfg.source else st.run("source", default_source, "Pass --source.")
     source_dir = st.run("load source", lambda: resolve_model(str(source), "source model").path, "Pass --source.")
 
+    new_ids, failed = _transfer_targets(cfg, st, source, helper, train_file, out)
+    held = {"documents": len(heldout), "bytes": sum(len(d.encode("utf-8")) for d in heldout)}
+    models: dict[str, dict[str, Any]] = {f"target: {m}": {"tokenizer": "German", "failed": why}
+                                         for m, why in failed.items()}
+    for name, path, tok_name, ids in (
+        [(SOURCE_ROW, source_dir, "source", None)]
+        + [(f"target: {m}", out / "targets" / m, "German", new_ids[m]) for m in cfg.methods if m in new_ids]
+    ):
+        models[name] = {"tokenizer": tok_name, "path": str(path), **st.run(
+            f"evaluate {name}", lambda p=path, i=ids: evaluate(p, heldout, i, cfg.generate_tokens), "")}
+
+    order = [SOURCE_ROW] + [f"target: {m}" for m in cfg.methods]  # table rows in the order of --methods
+    models = {k: models[k] for k in order if k in models}
+    chat = None
+    if cfg.methods:  # one chat-formatted generation of the first target (the source's template, carried)
+        chat = st.run("chat generation", lambda: chat_generation(out / "targets" / cfg.methods[0]), "")
+        if chat:
+            chat["model"] = f"target: {cfg.methods[0]}"
+
+    trained = [(f"target: {m}", m, out / "targets" / m, helper, new_ids[m]) for m in cfg.train_methods
+               if m in new_ids]
+    if cfg.train_source:
+        trained.append((SOURCE_ROW, "source", source_dir, source_dir, None))
+    runs = _train_and_evaluate(cfg, st, trained, train_file, heldout, models, out)
+    plot = st.run("plot", lambda: plot_curves(runs, out / "learning_curves.png"), "") if runs else None
+    st.timings["total"] = round(time.perf_counter() - t0, 1)
+    results = {
+        "quick": cfg.quick, "config": asdict(cfg), "source": str(source),
+        "helper": {"path": str(helper), "vocab_size": _vocab_size(helper)}, "heldout": held,
+        "models": models, "runs": runs, "plot": str(plot) if plot else None, "timings": st.timings,
+        "chat_generation": chat,
+    }
+    atomic_write_json(out / "results.json", results)
+    return write_report(results, out)
+
+
+def _transfer_targets(cfg: DemoConfig, st: Stages, source: Path, helper: Path, train_file: Path,
+                      out: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """One target per ``--methods`` entry: the new token ids of each, and the contrast methods that failed."""
+    from ..transfer import transfer
+
     new_ids: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
     for method in cfg.methods:
@@ -469,30 +510,14 @@ def run_demo(cfg: DemoConfig) -> Path:
             # near-zero sum of cosines) is a result, not a demo failure: the report says so
             log.warning("demo: %s", e)
             failed[method] = str(e.__cause__)
+    return new_ids, failed
 
-    held = {"documents": len(heldout), "bytes": sum(len(d.encode("utf-8")) for d in heldout)}
-    models: dict[str, dict[str, Any]] = {f"target: {m}": {"tokenizer": "German", "failed": why}
-                                         for m, why in failed.items()}
-    for name, path, tok_name, ids in (
-        [(SOURCE_ROW, source_dir, "source", None)]
-        + [(f"target: {m}", out / "targets" / m, "German", new_ids[m]) for m in cfg.methods if m in new_ids]
-    ):
-        models[name] = {"tokenizer": tok_name, "path": str(path), **st.run(
-            f"evaluate {name}", lambda p=path, i=ids: evaluate(p, heldout, i, cfg.generate_tokens), "")}
 
-    order = [SOURCE_ROW] + [f"target: {m}" for m in cfg.methods]  # table rows in the order of --methods
-    models = {k: models[k] for k in order if k in models}
-    chat = None
-    if cfg.methods:  # one chat-formatted generation of the first target (the source's template, carried)
-        chat = st.run("chat generation", lambda: chat_generation(out / "targets" / cfg.methods[0]), "")
-        if chat:
-            chat["model"] = f"target: {cfg.methods[0]}"
-
+def _train_and_evaluate(cfg: DemoConfig, st: Stages, trained: list[tuple], train_file: Path, heldout: list[str],
+                        models: dict[str, dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:
+    """Continue pretraining each of ``trained`` (name, key, model dir, tokenizer dir, new ids) on shards of
+    the training text in its tokenizer, and add its held-out scores after training to ``models``."""
     runs: dict[str, dict[str, Any]] = {}
-    trained = [(f"target: {m}", m, out / "targets" / m, helper, new_ids[m]) for m in cfg.train_methods
-               if m in new_ids]
-    if cfg.train_source:
-        trained.append((SOURCE_ROW, "source", source_dir, source_dir, None))
     shards: dict[str, Path] = {}
     for name, key, model_dir, tokenizer_dir, ids in trained:
         tok_key = "source" if key == "source" else "target"
@@ -506,16 +531,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         models[name]["after_training"] = {**after, "bytes_seen": runs[name]["bytes_seen"],
                                           "tokens_seen": runs[name]["tokens_seen"],
                                           "train_seconds": runs[name]["seconds"], "final_dir": runs[name]["final_dir"]}
-    plot = st.run("plot", lambda: plot_curves(runs, out / "learning_curves.png"), "") if runs else None
-    st.timings["total"] = round(time.perf_counter() - t0, 1)
-    results = {
-        "quick": cfg.quick, "config": asdict(cfg), "source": str(source),
-        "helper": {"path": str(helper), "vocab_size": _vocab_size(helper)}, "heldout": held,
-        "models": models, "runs": runs, "plot": str(plot) if plot else None, "timings": st.timings,
-        "chat_generation": chat,
-    }
-    atomic_write_json(out / "results.json", results)
-    return write_report(results, out)
+    return runs
 
 
 def _vocab_size(path: Path) -> int:

@@ -495,30 +495,9 @@ def evaluate(
     version = lm_eval_version()
     t0 = time.perf_counter()
     with prepared_include_paths(includes) as inc:
-        # Index only the include paths when they cover every requested name (indexing the ~14k built-in
-        # tasks takes seconds); else, or when a local group refers to built-in tasks, index everything.
-        plan: TaskPlan | None = None
-        if inc:
-            tm = task_manager(inc, include_defaults=False)
-            with contextlib.suppress(UnknownNameError):
-                plan = plan_tasks(requested, tm.all_tasks, version)
-            if plan is not None and plan.unavailable and any(n in PRESETS for n in requested):
-                plan = None
-        full_index = plan is None
-        if plan is None:
-            tm = task_manager(inc, include_defaults=True)
-            plan = plan_tasks(requested, tm.all_tasks, version)
+        plan, tm, full_index = _index_tasks(requested, inc, version)
         lm_obj, name = _harness_model(model, tokenizer, batch_size, max_length, load_options)  # fail early
-        objects = load_task_objects(plan, tm)
-        if not full_index and any(_UNREGISTERED in why for why in plan.unavailable.values()):
-            tm = task_manager(inc, include_defaults=True)
-            plan = plan_tasks(requested, tm.all_tasks, version)
-            objects = load_task_objects(plan, tm)
-        for k, why in plan.unavailable.items():
-            plan.unavailable[k] = why.replace(_UNREGISTERED, "refers to a task lm-eval does not know: ")
-        if not objects:
-            details = "; ".join(f"{k}: {v}" for k, v in plan.unavailable.items())
-            raise ClpError(f"none of the requested tasks can be run ({details})")
+        plan, tm, objects = _load_tasks(plan, tm, full_index, requested, inc, version)
         from lm_eval import simple_evaluate
 
         int_limit = int(limit) if limit is not None and limit >= 1 else limit
@@ -549,6 +528,41 @@ def evaluate(
         atomic_write_json(out_dir / "results.json", _plain(results))
         atomic_write_text(out_dir / "results.md", table)
     return EvaluateResult(results, table, dict(plan.unavailable), out_dir)
+
+
+def _index_tasks(requested: list[str], inc: list[str], version: str) -> tuple[TaskPlan, Any, bool]:
+    """The task plan and the task manager it was made with, and whether that indexed the built-in tasks.
+
+    Only the include paths are indexed when they cover every requested name (indexing the ~14k built-in
+    tasks takes seconds); else, or for a preset with tasks the include paths lack, everything is."""
+    plan: TaskPlan | None = None
+    if inc:
+        tm = task_manager(inc, include_defaults=False)
+        with contextlib.suppress(UnknownNameError):
+            plan = plan_tasks(requested, tm.all_tasks, version)
+        if plan is not None and plan.unavailable and any(n in PRESETS for n in requested):
+            plan = None
+    if plan is not None:
+        return plan, tm, False
+    tm = task_manager(inc, include_defaults=True)
+    return plan_tasks(requested, tm.all_tasks, version), tm, True
+
+
+def _load_tasks(plan: TaskPlan, tm: Any, full_index: bool, requested: list[str], inc: list[str],
+                version: str) -> tuple[TaskPlan, Any, Any]:
+    """The harness's task objects of ``plan``; indexes the built-in tasks after all when a local group refers
+    to one of them. Refuses a plan of which no task can run."""
+    objects = load_task_objects(plan, tm)
+    if not full_index and any(_UNREGISTERED in why for why in plan.unavailable.values()):
+        tm = task_manager(inc, include_defaults=True)
+        plan = plan_tasks(requested, tm.all_tasks, version)
+        objects = load_task_objects(plan, tm)
+    for k, why in plan.unavailable.items():
+        plan.unavailable[k] = why.replace(_UNREGISTERED, "refers to a task lm-eval does not know: ")
+    if not objects:
+        details = "; ".join(f"{k}: {v}" for k, v in plan.unavailable.items())
+        raise ClpError(f"none of the requested tasks can be run ({details})")
+    return plan, tm, objects
 
 
 def _plain(obj: Any) -> Any:

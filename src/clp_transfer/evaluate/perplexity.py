@@ -32,9 +32,6 @@ The maths (:func:`plan_windows`, :func:`score_documents`, :func:`score_token_str
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
-import json
 import logging
 import math
 import os

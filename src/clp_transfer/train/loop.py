@@ -413,12 +413,11 @@ def plot_learning_curves(log_path: Path, png: Path, title: str = "") -> Path | N
     records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    import matplotlib
+    from ..plotting import optional_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_pyplot("the learning-curve plot") if train or evals else None
+    if plt is None:
+        return None
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:

@@ -35,7 +35,8 @@ from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, upda
 from .chat import summary as chat_summary
 from ..config import add_dataclass_arguments, build_config, require_flags
 from ..errors import ClpError
-from .embeddings import TransferredEmbeddings, match_tokens, padded_rows, transfer_embeddings
+from .embeddings import TransferredEmbeddings, match_tokens, transfer_embeddings
+from .embeddings import padded_rows  # noqa: F401 (vocab_extend imports it from here)
 from .methods import METHODS, EmbeddingSolution
 from ..models import (
     WEIGHTS_INDEX,
