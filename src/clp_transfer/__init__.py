@@ -17,12 +17,5 @@ from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-_MODULES = {  # module -> the public names it defines
-    ".transfer.embeddings": "transfer_embeddings TransferredEmbeddings EmbeddingReport CalibrationStats build_problem match_tokens",
-    ".transfer.pipeline": "run_transfer TransferConfig TransferResult",
-    ".transfer.methods": "EmbeddingProblem compute_target_embeddings",
-    ".errors": "ClpError",
-}
-
-__all__ = ["__version__", *(name for names in _MODULES.values() for name in names.split())]
-__getattr__, __dir__ = lazy_exports(__name__, _MODULES)
+__getattr__, __dir__, _names = lazy_exports(__name__)
+__all__ = ["__version__", *_names]

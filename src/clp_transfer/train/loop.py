@@ -159,7 +159,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, phase: Phase, step: int
     f = phase.lr_factor(step)
     top = 0.0
     for g in optimizer.param_groups:
-        if phase.name == "embedding-tuning":
+        if phase.tunes_embeddings:
             if g["kind"] == "embedding":
                 peak = cfg.embedding_learning_rate
             else:
@@ -189,7 +189,7 @@ def row_lr_scales(cfg: TrainConfig, phase: Phase, rows: int, new_ids: list[int] 
     get 0 (frozen). Row scaling acts on the update (see :func:`scale_row_updates`), so it works for any
     optimizer whose step is proportional to its learning rate, as AdamW's is (decoupled decay included).
     """
-    freeze_shared = phase.name == "embedding-tuning" and cfg.embedding_tuning_rows == "new"
+    freeze_shared = phase.tunes_embeddings and cfg.embedding_tuning_rows == "new"
     if cfg.new_token_lr_multiplier == 1.0 and not freeze_shared:
         return None
     if new_ids is None:
@@ -663,7 +663,7 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
             if current_phase is not None and runlog is not None:
                 runlog.write({"step": step, "tokens": samples_before(phases, step, world, accum) * block,
                               "event": "phase_end", "phase": current_phase.name})
-            set_trainable(raw, embeddings, body_trainable=not (phase.name == "embedding-tuning"
+            set_trainable(raw, embeddings, body_trainable=not (phase.tunes_embeddings
                                                                and cfg.embedding_freeze_body),
                           distributed=distributed)
             current_phase = phase
@@ -689,7 +689,7 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach().float()
             loss_count += 1
-        if phase.name == "embedding-tuning" and cfg.embedding_freeze_body:
+        if phase.tunes_embeddings and cfg.embedding_freeze_body:
             for p in body_params:
                 p.grad = None  # frozen body: AdamW skips parameters without gradient
         grad_norm = None

@@ -166,21 +166,13 @@ def match_tokens(source_vocab: VocabLike, target_vocab: VocabLike, canonical: bo
     return match
 
 
-def build_problem(
-    source_input: torch.Tensor,
-    helper_input: torch.Tensor | None,
-    source_vocab: VocabLike,
-    target_vocab: VocabLike,
-    *,
-    source_output: torch.Tensor | None = None,
-    method: str = "clp",
-    params: Mapping[str, Any] | None = None,
-    canonical_matching: bool = True,
-    pad_to_multiple_of: int | None = None,
-    match: TokenMatch | None = None,
-    extra_rows: int = 0,
-) -> TransferProblem:
-    """Everything ``method`` needs, from the matrices and vocabularies (see :func:`transfer_embeddings`)."""
+def build_problem(source_input: torch.Tensor, helper_input: torch.Tensor | None, source_vocab: VocabLike,
+                  target_vocab: VocabLike, *, source_output: torch.Tensor | None = None, method: str = "clp",
+                  params: Mapping[str, Any] | None = None, canonical_matching: bool = True,
+                  pad_to_multiple_of: int | None = None, match: TokenMatch | None = None,
+                  extra_rows: int = 0) -> TransferProblem:
+    """Everything ``method`` needs, from the matrices and vocabularies; the arguments are those of
+    :func:`transfer_embeddings`. The method's rows are not computed yet (:func:`solve` does)."""
     spec = METHODS.get(method)
     merged = method_params(method, dict(params or {}))
     source, target = vocab_info(source_vocab), vocab_info(target_vocab)

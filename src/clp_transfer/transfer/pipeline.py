@@ -549,12 +549,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-methods", action="store_true", help="list the transfer methods and exit")
 
 
+def list_methods() -> str:
+    """One line per registered method: name, description and default parameters."""
+    lines = []
+    for name in METHODS:
+        spec = METHODS.get(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        lines.append(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
+    return "\n".join(lines)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     if args.list_methods:
-        for name in METHODS:
-            spec = METHODS.get(name)
-            defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-            print(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
+        print(list_methods())
         return 0
     require_flags(TransferConfig, args, one_of=[("helper", "helper_text")])
     cfg = build_config(TransferConfig, args)
