@@ -84,3 +84,19 @@ def test_transfer_runs_from_a_config_file(tmp_path, model_factory):
     report = json.loads((out / "transfer_report.json").read_text())
     assert report["method"] == "clp" and report["params"]["top_k"] == 3 and report["params"]["calibrate"] == 0
     assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.parametrize("command, field, old", [
+    ("prepare", "files", "--files"),
+    ("transfer", "calibration_text", "--calibration_text"),
+    ("perplexity", "text_files", "--text_files"),
+    ("demo", "corpus_dir", "--corpus_dir"),
+    ("make-tasks", "text", "--text"),
+    ("helper", "text", "--text"),
+])
+def test_target_text_is_text_in_every_stage_and_the_old_flags_still_work(command, field, old, tmp_path):
+    parser = build_parser(command)
+    value = str(tmp_path / "de.txt")
+    new = parse_command_args(parser, ["--text", value])
+    legacy = parse_command_args(parser, [old, value])
+    assert getattr(new, field) in (value, [value]) and getattr(legacy, field) == getattr(new, field)

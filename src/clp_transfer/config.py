@@ -81,6 +81,20 @@ def _converter(tp: Any):
     return str
 
 
+TEXT_FLAG = "--text"
+"""The one flag name for target-language text in every stage; a config class whose text field has another
+name says which in ``TEXT_FLAG: ClassVar[str]``, and that field's own flag stays as an alias."""
+
+
+def flag_names(cls: type, name: str) -> list[str]:
+    """The flags of field ``name``: ``--text`` first for the class's text field, then ``--name`` and, when
+    the name has an underscore, ``--name-with-dashes``."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    if getattr(cls, "TEXT_FLAG", None) == name:
+        names.insert(0, TEXT_FLAG)
+    return names
+
+
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per field of dataclass ``cls``. Defaults are suppressed so that only given flags appear."""
     docs = field_docs(cls)
@@ -92,9 +106,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
+        names = flag_names(cls, f.name)
         help_text = docs.get(f.name, "")
         if default is not None and default != [] and tp is not bool:
             help_text += f" (default: {default})"

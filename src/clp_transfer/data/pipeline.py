@@ -44,7 +44,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, ClassVar, Iterator, Literal
 
 from .. import __version__
 from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
@@ -70,6 +70,10 @@ SPLIT_RULE = (
 @dataclass
 class PrepareConfig:
     """Everything ``clp-transfer prepare`` takes."""
+
+    TEXT_FLAG: ClassVar[str] = "files"
+    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
+    (``--files`` stays as the older spelling)."""
 
     output_dir: str
     """Output directory: train.jsonl, valid.jsonl, stats.json and (with --tokenizer) tokens/<split>/."""

@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -553,6 +553,10 @@ def score_token_stream(
 @dataclass
 class PerplexityConfig:
     """Everything ``clp-transfer perplexity`` takes."""
+
+    TEXT_FLAG: ClassVar[str] = "text_files"
+    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
+    (``--text_files`` stays as the older spelling)."""
 
     model: str
     """Model to score: local HF directory (safetensors), hub id or .gguf file."""

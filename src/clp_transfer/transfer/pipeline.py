@@ -1,15 +1,19 @@
 """``transfer``: a source model + a target-language helper -> a target-language model.
 
-File I/O around :mod:`clp_transfer.transfer.methods`:
+Build problem -> solve -> write, around the in-memory API :func:`clp_transfer.transfer.embeddings.transfer_embeddings`:
 
 1. resolve source and helper to local safetensors directories (GGUF and hub ids included);
 2. read the three small things the maths needs: source embeddings (and untied head), helper embeddings,
-   and the two vocabularies — never the whole models;
-3. match vocabularies canonically (:mod:`clp_transfer.transfer.tokens`) and compute the new matrices;
+   and the two vocabularies - not the whole models;
+3. match vocabularies canonically (:mod:`clp_transfer.transfer.tokens`), plan the carried chat tokens, and
+   call :func:`transfer_embeddings` once: the method's rows, then (with ``--calibration_text``) the output
+   calibration as a step on those rows;
 4. copy the source checkpoint shard by shard with the embedding tensors replaced, write config, tokenizer and
    ``transfer_report.json`` into a temporary directory and rename it into place.
 
-Peak memory is about the embedding matrices plus the largest shard, whatever the model size.
+Peak memory is about the embedding matrices plus the largest shard, whatever the model size - except with
+``--calibration_text``: measuring the calibration statistics (:mod:`clp_transfer.transfer.calibration`) runs
+the target model once, which loads the whole source model in float32.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -57,6 +61,10 @@ REPORT_NAME = "transfer_report.json"
 @dataclass
 class TransferConfig:
     """Everything ``clp-transfer transfer`` takes."""
+
+    TEXT_FLAG: ClassVar[str] = "calibration_text"
+    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
+    (``--calibration_text`` stays as the older spelling)."""
 
     source: str
     """Source model: local HF directory, hub id or .gguf file (large, other language)."""
