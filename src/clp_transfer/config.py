@@ -21,7 +21,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -83,7 +83,18 @@ def _converter(tp: Any):
 
 TEXT_FLAG = "--text"
 """The one flag name for target-language text in every stage; a config class whose text field has another
-name says which in ``TEXT_FLAG: ClassVar[str]``, and that field's own flag stays as an alias."""
+name marks it with :func:`text_flag`, and that field's own flag stays as an alias."""
+
+
+def text_flag(field_name: str) -> Callable[[type[C]], type[C]]:
+    """Class decorator: ``--text`` sets the field ``field_name`` of this config (whose own flag, the older
+    spelling, keeps working)."""
+
+    def mark(cls: type[C]) -> type[C]:
+        cls.TEXT_FLAG = field_name  # type: ignore[attr-defined]
+        return cls
+
+    return mark
 
 
 def flag_names(cls: type, name: str) -> list[str]:

@@ -44,11 +44,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 from .. import __version__
 from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
-from ..config import add_dataclass_arguments, build_config, require_flags
+from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
 from ..errors import ClpError
 from .sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
 from .encode import EncoderSpec, plan_piece_cache
@@ -67,13 +67,10 @@ SPLIT_RULE = (
 )
 
 
+@text_flag("files")
 @dataclass
 class PrepareConfig:
     """Everything ``clp-transfer prepare`` takes."""
-
-    TEXT_FLAG: ClassVar[str] = "files"
-    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
-    (``--files`` stays as the older spelling)."""
 
     output_dir: str
     """Output directory: train.jsonl, valid.jsonl, stats.json and (with --tokenizer) tokens/<split>/."""

@@ -28,10 +28,10 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
 from ..atomic import atomic_write_json, atomic_write_text, check_output_path
-from ..config import add_dataclass_arguments, build_config
+from ..config import add_dataclass_arguments, build_config, text_flag
 from ..errors import ClpError, NonFiniteEmbeddingsError
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,10 @@ CHAT_MESSAGES = [{"role": "user", "content": "Wie speichere ich eine Datei?"}]
 """The conversation of the report's chat-formatted generation (rendered with the target's chat template)."""
 
 
+@text_flag("corpus_dir")
 @dataclass
 class DemoConfig:
     """Everything ``clp-transfer demo`` takes."""
-
-    TEXT_FLAG: ClassVar[str] = "corpus_dir"
-    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
-    (``--corpus_dir`` stays as the older spelling)."""
 
     output_dir: str = "runs/demo"
     """Where the models, logs, plot and report go."""

@@ -39,7 +39,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_write_json, check_output_path
-from ..config import add_dataclass_arguments, build_config, require_flags
+from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
 from ..data import count_lines, read_documents, resolve_text_sources  # noqa: F401 (re-exported)
 from ..errors import ClpError
 from ..models import prefix_rule  # noqa: F401 (re-exported)
@@ -550,13 +550,10 @@ def score_token_stream(
 # --------------------------------------------------------------------------------------------- API + CLI
 
 
+@text_flag("text_files")
 @dataclass
 class PerplexityConfig:
     """Everything ``clp-transfer perplexity`` takes."""
-
-    TEXT_FLAG: ClassVar[str] = "text_files"
-    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
-    (``--text_files`` stays as the older spelling)."""
 
     model: str
     """Model to score: local HF directory (safetensors), hub id or .gguf file."""

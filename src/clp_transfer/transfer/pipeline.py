@@ -27,7 +27,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -37,7 +37,7 @@ from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_
 from .calibration import calibration_statistics
 from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, update_chat_configs
 from .chat import summary as chat_summary
-from ..config import add_dataclass_arguments, build_config, require_flags
+from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
 from ..errors import ClpError
 from .embeddings import TransferredEmbeddings, match_tokens, transfer_embeddings
 from .embeddings import padded_rows  # noqa: F401 (vocab_extend imports it from here)
@@ -58,13 +58,10 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "transfer_report.json"
 
 
+@text_flag("calibration_text")
 @dataclass
 class TransferConfig:
     """Everything ``clp-transfer transfer`` takes."""
-
-    TEXT_FLAG: ClassVar[str] = "calibration_text"
-    """The field that ``--text`` sets: every stage takes its target-language text as ``--text``
-    (``--calibration_text`` stays as the older spelling)."""
 
     source: str
     """Source model: local HF directory, hub id or .gguf file (large, other language)."""
