@@ -80,7 +80,6 @@ MAX_LINES = 80
 # listed one that grew, fails; a listed one that got short must be taken off the list).
 KNOWN_LONG = {
     "clp_transfer.train.loop._train": 253,
-    "clp_transfer.transfer.helper._train_helper": 164,
     "clp_transfer.transfer.vocab_extend.run_extend": 101,
 }
 
