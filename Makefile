@@ -6,7 +6,10 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= runs/demo
 
-.PHONY: demo test test-all install install-demo clean
+.PHONY: demo test test-all lint install install-demo clean
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +33,7 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/clp-transfer demo --output_dir $(DEMO_DIR) --overwrite
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not slow"
 
 test-all: $(VENV)/.installed-demo

@@ -48,7 +48,7 @@ def main() -> None:
     args = ap.parse_args()
     from tokenizers import Tokenizer
 
-    from clp_transfer.prepare_tokenize import Encoder, EncoderSpec, plan_piece_cache
+    from clp_transfer.data.encode import Encoder, EncoderSpec, plan_piece_cache
 
     lines = load_german(args.corpora)
     rows = []

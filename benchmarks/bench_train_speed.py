@@ -41,7 +41,7 @@ def build(root: Path, mb: float) -> None:
     """Tokenizer, model and shards in ``root`` (called in a child so the parent's RSS stays small)."""
     import numpy as np
 
-    from clp_transfer.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
+    from clp_transfer.data.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
     from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
 
     lines: list[str] = []
@@ -70,7 +70,7 @@ def build(root: Path, mb: float) -> None:
 
 
 def run_ours(root: Path, steps: int, compile_: bool, out: Path) -> None:
-    from clp_transfer.train import TrainConfig, train
+    from clp_transfer.train.loop import TrainConfig, train
 
     res = train(TrainConfig(
         model=str(root / "model"), data=str(root / "data"), output_dir=str(out), overwrite=True, max_steps=steps,
@@ -90,8 +90,8 @@ def run_hf(root: Path, steps: int, out: Path) -> None:
     from torch.utils.data import Dataset, SequentialSampler
     from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments)
 
-    from clp_transfer.schedule import BlockOrder
-    from clp_transfer.shards import TokenShards
+    from clp_transfer.train.schedule import BlockOrder
+    from clp_transfer.data.shards import TokenShards
 
     shards = TokenShards(root / "data", "train")
     order = BlockOrder(shards.num_blocks(BLOCK), seed=0)
@@ -139,8 +139,8 @@ def run_minimal(root: Path, steps: int, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from clp_transfer.schedule import BlockOrder
-    from clp_transfer.shards import TokenShards
+    from clp_transfer.train.schedule import BlockOrder
+    from clp_transfer.data.shards import TokenShards
 
     shards = TokenShards(root / "data", "train")
     order = BlockOrder(shards.num_blocks(BLOCK), seed=0)

@@ -36,7 +36,6 @@ def make_problem(args):
 
 
 def child(args) -> dict:
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
@@ -61,7 +60,7 @@ def child(args) -> dict:
         seconds = batched + per_token * len(missing)
         extra = {"tokens_timed": done, "per_token_ms": per_token * 1e3, "extrapolated": done < len(missing)}
     else:
-        from clp_transfer.methods import EmbeddingProblem, compute_target_embeddings
+        from clp_transfer.transfer.methods import EmbeddingProblem, compute_target_embeddings
 
         source_id = torch.full((args.target_vocab,), -1)
         source_id[torch.from_numpy(overlap_t)] = torch.from_numpy(overlap_s)

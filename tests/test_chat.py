@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from clp_transfer.chat import template_texts, tokens_in_template
+from clp_transfer.transfer.chat import template_texts, tokens_in_template
 from clp_transfer.cli import main as cli
 from clp_transfer.tiny import CHATML_TEMPLATE, add_chat_template, save_model, tiny_model, train_tokenizer
-from clp_transfer.transfer import summary, transfer
+from clp_transfer.transfer.pipeline import summary, transfer
 from safetensors_files import tensors
 
 CONTROL = ("<|im_start|>", "<|im_end|>")
@@ -246,8 +246,8 @@ def test_shards_of_the_helper_tokenizer_feed_the_chat_target(tmp_path, model_fac
     # Token shards prepared with the helper's tokenizer stay valid for a target that only appends control
     # tokens after the helper's ids; a tokenizer that differs below them is still refused.
     from clp_transfer.errors import ClpError
-    from clp_transfer.prepare import prepare
-    from clp_transfer.shards import tokenizer_fingerprint
+    from clp_transfer.data.pipeline import prepare
+    from clp_transfer.data.shards import tokenizer_fingerprint
 
     src = instruct_source(tmp_path / "src", english_lines)
     hlp = model_factory("gpt2", "de", "bpe", vocab=450, hidden=16)

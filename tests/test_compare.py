@@ -7,7 +7,7 @@ import json
 import pytest
 
 from clp_transfer.cli import main
-from clp_transfer.compare import compare, lower_is_better, plot_comparison
+from clp_transfer.evaluate.compare import compare, lower_is_better, plot_comparison
 
 
 def _ppl(path, model, bpb, word_ppl, new=None):

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from clp_transfer import corpus
+from clp_transfer.demo import corpus
 from clp_transfer.errors import ClpError
 
 

@@ -71,7 +71,7 @@ def test_demo_refuses_existing_output_and_names_the_failing_stage(tmp_path, fixt
 
 
 def test_demo_helper_space_is_built_once_per_text(tmp_path, fixtures_dir, monkeypatch):
-    from clp_transfer.demo import DemoConfig, build_helper
+    from clp_transfer.demo.run import DemoConfig, build_helper
 
     monkeypatch.setenv("CLP_TRANSFER_CACHE", str(tmp_path / "cache"))
     text = tmp_path / "train.txt"
@@ -89,7 +89,7 @@ def test_demo_helper_space_is_built_once_per_text(tmp_path, fixtures_dir, monkey
 
 
 def test_demo_report_shows_an_unusable_contrast_method_instead_of_failing(tmp_path):
-    from clp_transfer.demo import SOURCE_ROW, write_report
+    from clp_transfer.demo.run import SOURCE_ROW, write_report
 
     ok = {"tokenizer": "German", "bits_per_byte": 2.0, "tokens_per_word": 1.6, "words_per_second": 9.0,
           "generations": {"Die Katze": "ist da"}}
@@ -111,7 +111,7 @@ def test_demo_report_shows_an_unusable_contrast_method_instead_of_failing(tmp_pa
 
 
 def test_demo_reports_only_non_finite_contrast_methods_as_unusable(tmp_path, fixtures_dir, capsys, monkeypatch):
-    import clp_transfer.transfer as transfer_module
+    import clp_transfer.transfer.pipeline as transfer_module
     from clp_transfer.errors import ClpError, NonFiniteEmbeddingsError
 
     monkeypatch.setenv("CLP_TRANSFER_CACHE", str(tmp_path / "cache"))

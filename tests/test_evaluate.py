@@ -10,7 +10,7 @@ import yaml
 
 from clp_transfer.cli import main
 from clp_transfer.errors import ClpError, UnknownNameError
-from clp_transfer.evaluate import (
+from clp_transfer.evaluate.harness import (
     GERMAN_2025_PRESET,
     GERMAN_PRESET,
     PRESETS,
@@ -60,7 +60,7 @@ def test_german_2025_preset_names_exist_in_the_installed_lm_eval():
     """Offline: every name of the preset is a task or group that the installed lm-eval's indexer finds."""
     from lm_eval.tasks import TaskManager
 
-    from clp_transfer.evaluate import lm_eval_version
+    from clp_transfer.evaluate.harness import lm_eval_version
 
     names = [t.name for t in GERMAN_2025_PRESET]
     assert len(names) == len(set(names)) >= 10 and PRESETS.get("german-2025") is GERMAN_2025_PRESET
@@ -133,7 +133,7 @@ def _ppl_task(folder: Path, lines: list[str], name: str = "rel_ppl", data: str =
 
 def test_relative_data_files_run_from_any_directory(tmp_path, monkeypatch, model_factory, german_lines):
     """lm-eval resolves relative data_files against the cwd; the wrapper resolves them next to the YAML."""
-    from clp_transfer.perplexity import perplexity
+    from clp_transfer.evaluate.perplexity import perplexity
 
     tasks = tmp_path / "my_tasks"
     _ppl_task(tasks, german_lines[:6])
@@ -174,7 +174,7 @@ def test_german_preset_against_the_installed_lm_eval(model_factory, tmp_path, ca
     """Whole built-in index (~10 s): the preset's names exist or are reported; hub tasks fail offline, per task."""
     from lm_eval.tasks import TaskManager
 
-    from clp_transfer.evaluate import lm_eval_version
+    from clp_transfer.evaluate.harness import lm_eval_version
 
     tm = TaskManager()
     plan = plan_tasks(["german"], tm.all_tasks, lm_eval_version())

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
-from clp_transfer.transfer import transfer
+from clp_transfer.transfer.pipeline import transfer
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +41,7 @@ def test_transfer_from_a_gguf_source(tmp_path, german_lines):
 def test_instruct_gguf_keeps_its_chat(tmp_path, german_lines):
     from safetensors import safe_open
 
-    from clp_transfer.modeling import resolve_model
+    from clp_transfer.models import resolve_model
 
     tok = train_tokenizer(german_lines, 500, "bpe")
     helper = save_model(tiny_model("gpt2", tok, hidden_size=32, num_heads=2), tok, tmp_path / "helper")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from clp_transfer import tiny
 from clp_transfer.cli import main
 from clp_transfer.config import field_docs
-from clp_transfer.helper import REPORT_NAME, HelperConfig, read_documents, train_helper
+from clp_transfer.transfer.helper import REPORT_NAME, HelperConfig, read_documents, train_helper
 
 TINY = dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, block_size=32, batch_size=4,
             learning_rate=3e-3, warmup_steps=3, logging_steps=5, num_threads=1)

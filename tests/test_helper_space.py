@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from clp_transfer.cli import main
 from clp_transfer.errors import ClpError
-from clp_transfer.helper_space import (
+from clp_transfer.transfer.helper_space import (
     REPORT_NAME,
     VECTORS_KEY,
     VECTORS_NAME,
@@ -23,9 +23,9 @@ from clp_transfer.helper_space import (
     is_helper_space,
     load_helper_space,
 )
-from clp_transfer.methods import METHODS
-from clp_transfer.tokens import TokenizerStyle, VocabInfo
-from clp_transfer.transfer import transfer
+from clp_transfer.transfer.methods import METHODS
+from clp_transfer.transfer.tokens import TokenizerStyle, VocabInfo
+from clp_transfer.transfer.pipeline import transfer
 
 FAST = dict(vocab_size=300, dim=16, epochs=3.0, num_threads=1, min_count=1)
 

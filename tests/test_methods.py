@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clp_transfer.errors import ClpError, UnknownNameError
-from clp_transfer.methods import (
+from clp_transfer.transfer.methods import (
     METHODS,
     EmbeddingProblem,
     bias_direction,
@@ -189,7 +189,7 @@ def test_sparsemax_is_a_sparse_distribution(values):
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 300), st.floats(0.01, 50.0), st.integers(1, 70), st.integers(0, 10_000))
 def test_sparsemax_topk_equals_full_sparsemax(n, scale, k, seed):
-    from clp_transfer.methods import sparsemax_topk
+    from clp_transfer.transfer.methods import sparsemax_topk
 
     z = torch.randn(6, n, generator=torch.Generator().manual_seed(seed)) * scale
     idx, w = sparsemax_topk(z, k=k)

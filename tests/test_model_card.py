@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from clp_transfer.helper import HelperConfig, train_helper
+from clp_transfer.transfer.helper import HelperConfig, train_helper
 from clp_transfer.model_card import final_name, provenance, write_model_card
-from clp_transfer.prepare import prepare
-from clp_transfer.train import train
-from clp_transfer.train_config import TrainConfig
-from clp_transfer.transfer import transfer
+from clp_transfer.data.pipeline import prepare
+from clp_transfer.train.loop import train
+from clp_transfer.train.config import TrainConfig
+from clp_transfer.transfer.pipeline import transfer
 
 HELPER = dict(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, block_size=32, batch_size=4,
               learning_rate=3e-3, warmup_steps=2, logging_steps=2, num_threads=1, max_steps=4)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clp_transfer.errors import ClpError
-from clp_transfer.methods import EmbeddingProblem, calibrate_frequencies, compute_target_embeddings, omp_select
+from clp_transfer.transfer.methods import EmbeddingProblem, calibrate_frequencies, compute_target_embeddings, omp_select
 
 OPTIONS = [{}, {"nonneg": True}, {"ridge": 0.1}, {"normalize": True}, {"nonneg": True, "ridge": 0.05, "k": 3}]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from clp_transfer.cli import main
 from clp_transfer.errors import ClpError
-from clp_transfer.perplexity import (
+from clp_transfer.evaluate.perplexity import (
     count_words,
     perplexity,
     plan_windows,
@@ -212,7 +212,7 @@ def test_loss_split_by_predicted_token_class(gpt2_de, german_lines):
 
 
 def test_token_stream_is_the_training_loss(gpt2_de, german_lines, tmp_path):
-    from clp_transfer.shards import ShardIndex, ShardInfo, TokenShards, tokenizer_fingerprint
+    from clp_transfer.data.shards import ShardIndex, ShardInfo, TokenShards, tokenizer_fingerprint
 
     _, model, tok = gpt2_de
     ids = np.array([i for d in german_lines[:6] for i in tok(d)["input_ids"] + [tok.eos_token_id]])

@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clp_transfer import prepare as prepare_mod
+from clp_transfer.data import pipeline as prepare_mod
 from clp_transfer.cli import main as cli
-from clp_transfer.prepare import MB, PrepareConfig, prepare
-from clp_transfer.prepare_tokenize import GPT2_PATTERN, Encoder, EncoderSpec, plan_piece_cache
-from clp_transfer.shards import ShardWriter, TokenShards, tokenizer_fingerprint
+from clp_transfer.data.pipeline import MB, PrepareConfig, prepare
+from clp_transfer.data.encode import GPT2_PATTERN, Encoder, EncoderSpec, plan_piece_cache
+from clp_transfer.data.shards import ShardWriter, TokenShards, tokenizer_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3_PATTERN = (
@@ -430,7 +430,7 @@ def _refuse_scripts(monkeypatch, served: Path | None, calls: list) -> None:
     served from ``served`` (a local copy of the conversion's layout), or fails like a missing branch."""
     import datasets
 
-    from clp_transfer import prepare_sources
+    from clp_transfer.data import sources as prepare_sources
 
     real = datasets.load_dataset
 
@@ -701,8 +701,8 @@ def _reference_txt_lines(data: bytes) -> tuple[list[tuple[str, int]], int, int]:
     block=st.sampled_from([1, 2, 3, 5, 8, 64, 1 << 22]),
 )
 def test_txt_lines_block_reader_matches_line_by_line(tmp_path, monkeypatch, parts, bom, block):
-    from clp_transfer import prepare_sources
-    from clp_transfer.prepare_sources import SkipCounts, file_documents
+    from clp_transfer.data import sources as prepare_sources
+    from clp_transfer.data.sources import SkipCounts, file_documents
 
     data = (b"\xef\xbb\xbf" if bom else b"") + b"".join(
         b"\xff\xfe" if p == "\xff" else p.encode("utf-8") for p in parts)
@@ -717,7 +717,7 @@ def test_txt_lines_block_reader_matches_line_by_line(tmp_path, monkeypatch, part
 
 
 def test_use_rust_threads_sizes_the_pool_and_warns_when_parallelism_is_off(monkeypatch, caplog):
-    from clp_transfer.prepare_tokenize import use_rust_threads
+    from clp_transfer.data.encode import use_rust_threads
 
     for name in ("RAYON_NUM_THREADS", "TOKENIZERS_PARALLELISM"):
         monkeypatch.setenv(name, "x")  # so that monkeypatch restores the original state afterwards

@@ -64,7 +64,7 @@ def train_setup(tmp_path_factory, model_factory, german_lines):
 
 
 def train_cfg(train_setup, out: Path, **kw):
-    from clp_transfer.train import TrainConfig
+    from clp_transfer.train.loop import TrainConfig
 
     model_dir, data = train_setup
     base = dict(model=str(model_dir), data=str(data), output_dir=str(out), max_steps=6, block_size=BLOCK,
@@ -187,7 +187,7 @@ def test_the_lock_is_reentrant_waits_for_caches_and_leaves_no_file(tmp_path, loc
 def test_two_concurrent_transfers_do_not_replace_each_other(tmp_path, pair, monkeypatch):
     """While one transfer computes, a second process on the same --output is refused (it used to succeed and
     silently replace the first one's model)."""
-    import clp_transfer.transfer as mod
+    import clp_transfer.transfer.embeddings as mod
 
     out = tmp_path / "out"
     seen = {}
@@ -213,8 +213,8 @@ def test_nan_stop_names_only_a_checkpoint_with_finite_weights_and_validation_los
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from clp_transfer.shards import TokenShards
-    from clp_transfer.train import train
+    from clp_transfer.data.shards import TokenShards
+    from clp_transfer.train.loop import train
 
     model_dir, data = train_setup
     with pytest.raises(ClpError, match="loss became nan") as info:
@@ -245,7 +245,7 @@ def test_nan_stop_names_only_a_checkpoint_with_finite_weights_and_validation_los
 
 PAUSED_TRANSFER = """
 import sys, time
-import clp_transfer.transfer as mod
+import clp_transfer.transfer.pipeline as mod
 real = mod._write_config
 def slow(*a, **k):
     real(*a, **k)
@@ -288,7 +288,7 @@ def test_the_run_after_a_sigkill_removes_its_temporary_directory(tmp_path, pair,
 
 KILLED_PARENT = """
 import multiprocessing, os, signal, sys, time
-from clp_transfer.prepare_tokenize import die_with_parent
+from clp_transfer.data.encode import die_with_parent
 
 def child(parent):
     die_with_parent(parent)
@@ -375,7 +375,7 @@ def test_sigkilled_prepare_leaves_no_worker_processes(tmp_path, german_lines):
 
 def test_prepare_process_pool_workers_are_told_their_parent(monkeypatch):
     """prepare's process pool passes its pid to the worker initializer (which arms die_with_parent)."""
-    import clp_transfer.prepare as prep
+    import clp_transfer.data.pipeline as prep
 
     seen = {}
 
@@ -389,7 +389,7 @@ def test_prepare_process_pool_workers_are_told_their_parent(monkeypatch):
 
 
 def test_resume_with_the_identical_command_resumes_when_block_size_was_not_given(tmp_path, train_setup):
-    from clp_transfer.train import train
+    from clp_transfer.train.loop import train
 
     cfg = train_cfg(train_setup, tmp_path / "run", block_size=None, max_steps=4, save_steps=2)
     train(cfg)
@@ -438,7 +438,7 @@ def test_truncated_source_weights_are_named(tmp_path, pair, capsys):
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin"])
 def test_resume_skips_a_truncated_checkpoint_or_names_the_file(tmp_path, train_setup, damaged, caplog):
-    from clp_transfer.train import train
+    from clp_transfer.train.loop import train
 
     train(train_cfg(train_setup, tmp_path / "run", max_steps=5, save_steps=2))
     ckpts = tmp_path / "run" / "checkpoints"
@@ -514,7 +514,7 @@ def test_expected_failures_become_one_actionable_line(exc, needle):
 
 
 def test_a_real_bug_keeps_its_traceback_and_debug_shows_tracebacks(tmp_path, pair, monkeypatch, capsys):
-    import clp_transfer.transfer as mod
+    import clp_transfer.transfer.pipeline as mod
 
     assert describe_failure(RuntimeError("index out of range")) is None
     monkeypatch.setattr(mod, "_write_config", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
@@ -551,7 +551,7 @@ def test_a_source_that_needs_remote_code_names_our_flag(tmp_path, pair, capsys):
 
 
 def test_a_source_deleted_while_it_is_read(tmp_path, pair, capsys, monkeypatch):
-    from clp_transfer.modeling import SafetensorsCheckpoint
+    from clp_transfer.models import SafetensorsCheckpoint
 
     src, hlp = copy_pair(pair, tmp_path / "m")
     original = SafetensorsCheckpoint.get

@@ -11,7 +11,7 @@ import yaml
 
 from clp_transfer.cli import main
 from clp_transfer.errors import ClpError
-from clp_transfer.tasks import cloze_items, make_tasks, read_pairs, sentences, translation_items
+from clp_transfer.evaluate.tasks import cloze_items, make_tasks, read_pairs, sentences, translation_items
 
 
 def _jsonl(path):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clp_transfer.tiny import train_tokenizer
-from clp_transfer.tokens import (
+from clp_transfer.transfer.tokens import (
     CanonicalToken,
     MatchRule,
     TokenizerStyle,

@@ -15,9 +15,9 @@ import torch
 
 from clp_transfer.cli import main as cli
 from clp_transfer.errors import ClpError
-from clp_transfer.schedule import BlockOrder, micro_batch_samples, plan_phases, samples_before
-from clp_transfer.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
-from clp_transfer.train import TrainConfig, embedding_parameters, train
+from clp_transfer.train.schedule import BlockOrder, micro_batch_samples, plan_phases, samples_before
+from clp_transfer.data.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
+from clp_transfer.train.loop import TrainConfig, embedding_parameters, train
 
 BLOCK = 32
 
@@ -335,7 +335,7 @@ def test_warmup_steps_replace_the_ratio_and_are_capped():
 
 
 def test_row_scales_rescale_each_rows_update_exactly():
-    from clp_transfer.train import scale_row_updates
+    from clp_transfer.train.loop import scale_row_updates
 
     before = torch.randn(5, 3)
     p = torch.nn.Parameter(before + 1.0)  # every row moved by +1

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from clp_transfer.cli import main as cli
 from clp_transfer.errors import ClpError
 from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
-from clp_transfer.tokens import VocabInfo, match_vocabularies
-from clp_transfer.transfer import transfer
+from clp_transfer.transfer.tokens import VocabInfo, match_vocabularies
+from clp_transfer.transfer.pipeline import transfer
 from safetensors_files import tensors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_untied_head_follows_its_tokens_unlike_the_original(tmp_path, model_fact
         head = load(path)[0].get_output_embeddings().weight
         follows = torch.equal(head[moved], head_src[[match.source_id[i] for i in moved]])
         assert follows == should_follow
-    from clp_transfer.transfer import summary
+    from clp_transfer.transfer.pipeline import summary
 
     assert "untied, transferred by token" in summary(good.report, good.path)
     assert "left in source positions" in summary(bad.report, bad.path)
@@ -242,7 +242,7 @@ def test_allow_pickle_converts_and_transfers(tmp_path, pair, monkeypatch):
 
 def test_interrupted_transfer_leaves_nothing(tmp_path, pair, monkeypatch):
     src, hlp = pair
-    import clp_transfer.transfer as mod
+    import clp_transfer.transfer.pipeline as mod
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -304,7 +304,7 @@ def test_bad_calibration_text_fails_clearly(tmp_path, model_factory):
 def test_target_tokenizer_takes_the_source_context_length(model_factory, tmp_path):
     from transformers import AutoConfig, AutoTokenizer
 
-    from clp_transfer.transfer import transfer
+    from clp_transfer.transfer.pipeline import transfer
 
     src, hlp = model_factory("llama", "en", kind="sentencepiece"), model_factory("gpt2", "de")
     htok = AutoTokenizer.from_pretrained(hlp)

@@ -13,10 +13,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from clp_transfer.cli import main as cli
 from clp_transfer.errors import ClpError
-from clp_transfer.methods import METHODS
+from clp_transfer.transfer.methods import METHODS
 from clp_transfer.tiny import save_model, tiny_model, train_tokenizer
-from clp_transfer.transfer import transfer
-from clp_transfer.vocab_extend import extend_vocabulary, tokenizer_kind, tokenizer_spec
+from clp_transfer.transfer.pipeline import transfer
+from clp_transfer.transfer.vocab_extend import extend_vocabulary, tokenizer_kind, tokenizer_spec
 from safetensors_files import tensors
 
 

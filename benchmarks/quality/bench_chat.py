@@ -35,7 +35,7 @@ CONTROL = ("<|im_start|>", "<|im_end|>")
 
 def chat_reply(model, tok, max_new_tokens: int = 32) -> dict:
     """Greedy reply to the demo's conversation, rendered with ``tok``'s chat template."""
-    from clp_transfer.demo import CHAT_MESSAGES
+    from clp_transfer.demo.run import CHAT_MESSAGES
 
     prompt = tok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
@@ -78,8 +78,8 @@ def main() -> None:
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_chat.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    from clp_transfer.modeling import resolve_model
-    from clp_transfer.transfer import transfer
+    from clp_transfer.models import resolve_model
+    from clp_transfer.transfer.pipeline import transfer
 
     cache = Path(args.cache)
     helper, gguf = cache / "helper-de", smollm2_gguf()

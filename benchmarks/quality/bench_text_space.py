@@ -2,7 +2,7 @@
 
 Source SmolLM2-135M (``<cache>/smollm2-135m``), target tokenizer = the benchmark helper LM's 16k byte-level BPE
 (``<cache>/helper-de``, ``make_helper.py``). Every space is built on ``helper_train`` only - the text the helper
-LM was trained on and the calibration text - with ``clp_transfer.helper_space.build_helper_space`` at a budget
+LM was trained on and the calibration text - with ``clp_transfer.transfer.helper_space.build_helper_space`` at a budget
 of CPU minutes (process time of all threads, 2 threads). Rows:
 
 - ``clp`` on the text space at each budget (the default method and parameters, calibrated on helper_train);
@@ -50,7 +50,7 @@ def log(msg: str) -> None:
 
 def transfer_and_score(name: str, source: Path, helper: Path, work: Path, splits: dict, calib: Path,
                        method: str = "clp", params: dict | None = None, which=("dev", "test")) -> dict:
-    from clp_transfer.transfer import transfer
+    from clp_transfer.transfer.pipeline import transfer
 
     t = time.perf_counter()
     res = transfer(str(source), str(helper), str(work / "target"), method=method, params=params or {},
@@ -65,7 +65,7 @@ def transfer_and_score(name: str, source: Path, helper: Path, work: Path, splits
 
 
 def build_space(text: Path, tokenizer: Path, out: Path, minutes: float, threads: int, reuse: bool = False) -> dict:
-    from clp_transfer.helper_space import SpaceConfig, build_helper_space
+    from clp_transfer.transfer.helper_space import SpaceConfig, build_helper_space
 
     if reuse and (out / "helper_space.json").is_file():
         # Built beforehand by `clp-transfer helper --kind embeddings` with the same settings (see --append).

@@ -39,7 +39,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from common import DEFAULT_CORPORA, cache_dir, jsonl_text, sha256_file, splits_dir
+from common import DEFAULT_CORPORA, jsonl_text, sha256_file, splits_dir
 
 from clp_transfer.atomic import atomic_directory
 from clp_transfer.errors import ClpError

@@ -17,25 +17,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_CACHE, read_jsonl  # noqa: E402
 from bench_init_quality import smollm2_gguf, score  # noqa: E402
 
-from clp_transfer.methods import EmbeddingProblem, compute_target_embeddings  # noqa: E402
-from clp_transfer.modeling import SafetensorsCheckpoint, find_embedding_keys, load_tokenizer, resolve_model  # noqa: E402
-from clp_transfer.tokens import VocabInfo, decompose, match_vocabularies  # noqa: E402
-from clp_transfer.transfer import padded_rows, transfer  # noqa: E402
+from clp_transfer import build_problem as build_transfer_problem  # noqa: E402
+from clp_transfer.transfer.methods import EmbeddingProblem, compute_target_embeddings  # noqa: E402
+from clp_transfer.models import SafetensorsCheckpoint, find_embedding_keys, load_tokenizer, resolve_model  # noqa: E402
+from clp_transfer.transfer.pipeline import transfer  # noqa: E402
 
 
 def build_problem(source: Path, helper: Path) -> tuple[EmbeddingProblem, object]:
+    """The problem `clp-transfer transfer` solves for this pair (helper rows and FVT pieces both present, as
+    the hybrid method needs them), from the public API."""
     src = resolve_model(str(source))
     src_tok, tgt_tok = load_tokenizer(src.path), load_tokenizer(helper)
     ck = SafetensorsCheckpoint(src.path)
-    keys = find_embedding_keys(src.path, ck)
-    e_s = ck.get(keys.input)
+    e_s = ck.get(find_embedding_keys(src.path, ck).input)
     hk = SafetensorsCheckpoint(helper)
     e_h = hk.get(find_embedding_keys(helper, hk).input)
-    sv, tv = VocabInfo.from_tokenizer(src_tok), VocabInfo.from_tokenizer(tgt_tok)
-    match = match_vocabularies(tv, sv)
-    rows, _ = padded_rows(len(tv), e_s.shape[0], len(sv), None)
-    return EmbeddingProblem(e_s, torch.tensor(match.source_id), rows, helper_input=e_h[: len(tv)],
-                            pieces=decompose(tv, sv), source_padding_ids=list(range(len(sv), e_s.shape[0]))), tgt_tok
+    return build_transfer_problem(e_s, e_h, src_tok, tgt_tok, method="hybrid").problem, tgt_tok
 
 
 CANDIDATES = {

@@ -4,7 +4,7 @@
     # it takes the whole budget; to keep the shell:
     nohup python benchmarks/quality/make_helper.py > /dev/null 2>&1 &
 
-Runs ``clp-transfer helper`` (``clp_transfer.helper.train_helper``) on ``<cache>/splits/helper_train.jsonl``
+Runs ``clp-transfer helper`` (``clp_transfer.transfer.helper.train_helper``) on ``<cache>/splits/helper_train.jsonl``
 (made by ``data.py``) and writes ``<cache>/helper-de/`` (model, tokenizer, helper_report.json). The log goes to
 ``<cache>/make_helper.log`` as well as to stderr. Never sees the dev or test split.
 """
@@ -18,7 +18,7 @@ import sys
 from common import cache_dir, splits_dir
 
 from clp_transfer.errors import ClpError
-from clp_transfer.helper import HelperConfig, train_helper
+from clp_transfer.transfer.helper import HelperConfig, train_helper
 
 # The helper of CONTEXT.md section 6; peak lr and warm-up sized for the ~600 steps 20 CPU minutes allow.
 SETTINGS = dict(vocab_size=16000, tokenizer_kind="bpe", architecture="gpt2", hidden_size=256, num_layers=4,

@@ -4,7 +4,7 @@
     python benchmarks/quality/make_source.py [--cache DIR] [--overwrite]
 
 Dequantises the package's GGUF into ``<cache>/smollm2-135m/`` (float32 safetensors + tokenizer) with
-``clp_transfer.modeling.gguf_to_hf`` and prints a few greedy continuations as a sanity check.
+``clp_transfer.models.gguf_to_hf`` and prints a few greedy continuations as a sanity check.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clp_transfer.modeling import gguf_to_hf
+    from clp_transfer.models import gguf_to_hf
 
     out = cache_dir(a.cache) / "smollm2-135m"
     if out.exists() and a.overwrite:

@@ -13,17 +13,17 @@ default ``benchmarks/results/study/``):
    into ``helper_de`` (``--helper_fraction``, trains the helper and its tokenizer) and ``target_de`` (the rest,
    the German continued-pretraining data). ``en_train`` (all English text) pretrains the source.
 2. ``source``: an English GPT-NeoX (untied head, like Pythia) with its own English byte-level BPE, pretrained
-   for ``--source_minutes`` (``clp_transfer.helper.train_helper`` with ``architecture=gpt_neox``).
+   for ``--source_minutes`` (``clp_transfer.transfer.helper.train_helper`` with ``architecture=gpt_neox``).
 3. ``helper``: a smaller German GPT-2 with its own German BPE, trained for ``--helper_minutes`` on ``helper_de``.
    Its tokenizer is the target vocabulary of every run (so all runs share one tokenizer and token losses are
    comparable between them).
 4. ``shards``: ``target_de`` (train) and ``dev`` (valid) as token shards of the German tokenizer.
-5. ``inits``: one transferred model per initialisation (``clp_transfer.transfer.transfer``); ``scratch`` uses
+5. ``inits``: one transferred model per initialisation (``clp_transfer.transfer.pipeline.transfer``); ``scratch`` uses
    the architecture of the transferred model with fresh random weights.
 6. ``runs``: every run trains on the same German token stream with the same schedule (``--train_tokens``,
    ``--lr``, ...), evaluated on the whole dev split every ``--evals`` th of the run; step 0 is evaluated with
    the same function. After training, exact bits per byte on the held-out ``test`` documents
-   (``clp_transfer.perplexity.score_documents``). One JSON per run: ``<results>/runs/<run>-s<seed>.json``.
+   (``clp_transfer.evaluate.perplexity.score_documents``). One JSON per run: ``<results>/runs/<run>-s<seed>.json``.
 7. ``analyze.py``: tables (mean ± std over seeds), tokens to reach the from-scratch final dev loss,
    ``<results>/study.json`` and ``<results>/learning_curves.png``.
 
@@ -36,7 +36,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -175,7 +174,7 @@ def stage_splits(a: argparse.Namespace) -> Path:
 
 
 def stage_model(a: argparse.Namespace, name: str, text: Path, minutes: float, **settings: Any) -> Path:
-    from clp_transfer.helper import HelperConfig, train_helper
+    from clp_transfer.transfer.helper import HelperConfig, train_helper
 
     out = a.cache / name
     if (out / "helper_report.json").exists():
@@ -191,7 +190,7 @@ def stage_shards(a: argparse.Namespace, splits: Path, tokenizer_dir: Path) -> Pa
     import numpy as np
     from transformers import AutoTokenizer
 
-    from clp_transfer.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
+    from clp_transfer.data.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
 
     out = a.cache / f"shards-b{a.block_size}"
     if (out / "done.json").exists():
@@ -219,7 +218,7 @@ def stage_shards(a: argparse.Namespace, splits: Path, tokenizer_dir: Path) -> Pa
 
 
 def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, splits: Path) -> Path:
-    from clp_transfer.transfer import transfer
+    from clp_transfer.transfer.pipeline import transfer
 
     out = a.cache / "inits" / name
     if (out / ".done").exists():
@@ -263,15 +262,15 @@ def eval_dev(model, shards: Path, block: int, batch: int) -> dict[str, float]:  
     """The trainer's evaluation (whole dev split) for a model that has not been trained (step 0)."""
     import numpy as np
 
-    from clp_transfer.shards import TokenShards
-    from clp_transfer.train import evaluate_blocks
+    from clp_transfer.data.shards import TokenShards
+    from clp_transfer.train.loop import evaluate_blocks
 
     valid = TokenShards(shards, "valid")
     return evaluate_blocks(model, valid, np.arange(valid.num_blocks(block)), block, batch, _CPUAccel())
 
 
 def score_test(model, tok, splits: Path, block: int) -> dict[str, Any]:  # noqa: ANN001
-    from clp_transfer.perplexity import score_documents
+    from clp_transfer.evaluate.perplexity import score_documents
 
     docs = [r["text"] for r in read_jsonl(splits / "test.jsonl")]
     r = score_documents(model, tok, docs, block_size=block, batch_size=8, progress=False)
@@ -311,7 +310,7 @@ def stage_run(a: argparse.Namespace, run: Run, seed: int, shards: Path, splits: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clp_transfer.train import TrainConfig, train
+    from clp_transfer.train.loop import TrainConfig, train
 
     res_path = a.results / "runs" / f"{run.name}-s{seed}.json"
     if res_path.exists():

@@ -11,7 +11,7 @@ for d in ("study_real", "quality", "study"):
     sys.path.insert(0, str(REPO / "benchmarks" / d))
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from clp_transfer.tokens import VocabInfo, decompose
+from clp_transfer.transfer.tokens import VocabInfo, decompose
 from run_real import dev_subset, score
 from run_study import set_threads
 set_threads(1)

@@ -20,7 +20,7 @@ Every run trains one pass over the same documents in the same order (``data_orde
 with its own tokenizer, so "German bytes seen" is the same x-axis for all. The seed sets that order (seed 0:
 the hashed order; other seeds: a permutation of the same documents, shared by every run of the seed) - the
 only thing a seed can vary, since training has no dropout and the inits do not depend on it. Bits per byte are exact
-(``clp_transfer.perplexity.score_documents``: every token scored once, windows of 512, stride 256).
+(``clp_transfer.evaluate.perplexity.score_documents``: every token scored once, windows of 512, stride 256).
 
 Per run, ``<results>/runs/<run>-s<seed>.json``: settings, the dev-subset curve against bytes, tokens, steps
 and training FLOPs, full-dev and test bits per byte at step 0 and at the end, the loss split into new / shared
@@ -159,7 +159,7 @@ def stage_shards(a: argparse.Namespace, name: str, tokenizer_dir: Path, docs: li
     import numpy as np
     from transformers import AutoTokenizer
 
-    from clp_transfer.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
+    from clp_transfer.data.shards import ShardWriter, dtype_for_vocab, tokenizer_fingerprint
 
     out = a.cache / (f"shards-{name}-{a.train_kb:g}kb" + (f"-order{seed}" if seed else ""))
     docs = seed_order(docs, seed)
@@ -200,7 +200,7 @@ def bytes_at_tokens(info: dict[str, Any], tokens: int) -> float:
 
 
 def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, splits: Path) -> Path:
-    from clp_transfer.transfer import transfer
+    from clp_transfer.transfer.pipeline import transfer
 
     out = a.cache / "inits" / name
     if (out / ".done").exists():
@@ -223,7 +223,7 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
 def stage_space(a: argparse.Namespace, vocab_size: int, splits: Path) -> Path:
     """A helper space built from ``helper_train`` (the helper LM's own text): 5 skip-gram passes, one thread
     so it is bit-reproducible, the same settings as the demo's."""
-    from clp_transfer.helper_space import SpaceConfig, build_helper_space
+    from clp_transfer.transfer.helper_space import SpaceConfig, build_helper_space
 
     out = a.cache / f"space-{vocab_size}"
     if (out / "helper_space.json").is_file():
@@ -289,7 +289,7 @@ def flops_per_token(model: Any, block: int) -> float:
 def score(model: Any, tok: Any, docs: list[str], new_ids: list[int] | None = None) -> dict[str, Any]:
     import torch
 
-    from clp_transfer.perplexity import score_documents
+    from clp_transfer.evaluate.perplexity import score_documents
 
     mask = None
     if new_ids:
@@ -324,7 +324,7 @@ def stage_run(a: argparse.Namespace, run: Run, seed: int, ctx: dict[str, Any]) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from clp_transfer.train import TrainConfig, new_token_ids, train
+    from clp_transfer.train.loop import TrainConfig, new_token_ids, train
 
     res_path = a.results / "runs" / f"{run.name}-s{seed}.json"
     if res_path.exists():

@@ -1,14 +1,21 @@
 """clp-transfer: move a large language model to a new language cheaply.
 
-Pipeline stages, each a module with a typed Python API and a subcommand of the ``clp-transfer`` CLI:
+The public API (imported lazily, so ``import clp_transfer`` stays cheap):
 
-- ``clp_transfer.prepare.prepare``        corpus -> train/valid split -> packed token shards
-- ``clp_transfer.transfer.transfer``      source model + target-language helper -> target model
-- ``clp_transfer.train.train``            continued pretraining with embedding-tuning phases
-- ``clp_transfer.perplexity.perplexity``  token perplexity, bits per byte, word perplexity
-- ``clp_transfer.evaluate.evaluate``      downstream tasks through lm-evaluation-harness
+- :func:`transfer_embeddings`  CLP-Transfer on tensors: source and helper embeddings + two vocabularies
+  -> new embedding matrices and an :class:`EmbeddingReport` (no files, no models loaded)
+- :func:`run_transfer` / :class:`TransferConfig`  the same on model directories: read, transfer, write a model
+- :func:`compute_target_embeddings` / :class:`EmbeddingProblem`  the methods' maths on a prepared problem
 
-The pure tensor maths of the transfer is in ``clp_transfer.methods`` (no file I/O).
+Pipeline stages, each a subcommand of the ``clp-transfer`` CLI with a typed Python function behind it:
+prepare (corpus -> token shards), transfer, train (continued pretraining), perplexity and evaluate.
 """
 
+from __future__ import annotations
+
+from ._lazy import lazy_exports
+
 __version__ = "0.1.0"
+
+__getattr__, __dir__, _names = lazy_exports(__name__)
+__all__ = ["__version__", *_names]

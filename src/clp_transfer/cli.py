@@ -1,8 +1,17 @@
 """``clp-transfer`` command line: one subcommand per pipeline stage.
 
-Each subcommand lives in its own module, which provides ``add_cli_arguments(parser)`` and
-``cli_main(args) -> int | None``. Only the chosen module is imported, so ``clp-transfer transfer --help``
-does not pay for importing the training stack.
+Each subcommand lives in its own module, which provides ``add_cli_arguments(parser)`` (the flags of its
+config dataclass, :func:`clp_transfer.config.add_dataclass_arguments`) and ``cli_main(args) -> int | None``.
+Only the chosen module is imported, so ``clp-transfer transfer --help`` does not pay for the training stack.
+
+The parser of every subcommand is a ``jsonargparse.ArgumentParser``. Why jsonargparse: it is what litgpt
+builds its CLI on, actively maintained, and a drop-in ``argparse`` parser, so every flag keeps its spelling
+(``--foo_bar`` and ``--foo-bar``, ``--no-chat``, ``--params a=1 b=2``) while it adds what argparse lacks:
+``--config FILE.yaml`` on every subcommand with its keys and values checked against the command's flags, and
+``--print_config`` to write the merged configuration as YAML. On top, this module gives ``--config`` the
+lowest precedence wherever it appears (flags on the command line win) and accepts dotted overrides of
+``key=value`` list fields: ``--params.top_k 20`` changes one key of the ``params`` from the YAML file.
+(Typer/Click were the alternatives; they would need every flag re-declared and do not read YAML configs.)
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import signal
 import sys
 import traceback
@@ -21,15 +31,15 @@ from .errors import ClpError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "prepare": ("clp_transfer.prepare", "build the pretraining corpus: split, tokenize, pack into shards"),
-    "transfer": ("clp_transfer.transfer", "initialise a target-language model from a source and a helper model"),
-    "train": ("clp_transfer.train", "continued pretraining with embedding-tuning phases"),
-    "perplexity": ("clp_transfer.perplexity", "token perplexity, bits per byte and word perplexity on text"),
-    "evaluate": ("clp_transfer.evaluate", "downstream tasks through lm-evaluation-harness"),
-    "make-tasks": ("clp_transfer.tasks", "build local lm-eval tasks from your own text and word pairs"),
-    "compare": ("clp_transfer.compare", "print and plot several models' results side by side"),
-    "helper": ("clp_transfer.helper", "train a small target-language helper (tokenizer + LM, or --kind embeddings: token vectors) from text"),
-    "demo": ("clp_transfer.demo", "the whole pipeline offline on a real English model"),
+    "prepare": ("clp_transfer.data.pipeline", "build the pretraining corpus: split, tokenize, pack into shards"),
+    "transfer": ("clp_transfer.transfer.pipeline", "initialise a target-language model from a source and a helper model"),
+    "train": ("clp_transfer.train.loop", "continued pretraining with embedding-tuning phases"),
+    "perplexity": ("clp_transfer.evaluate.perplexity", "token perplexity, bits per byte and word perplexity on text"),
+    "evaluate": ("clp_transfer.evaluate.harness", "downstream tasks through lm-evaluation-harness"),
+    "make-tasks": ("clp_transfer.evaluate.tasks", "build local lm-eval tasks from your own text and word pairs"),
+    "compare": ("clp_transfer.evaluate.compare", "print and plot several models' results side by side"),
+    "helper": ("clp_transfer.transfer.helper", "train a small target-language helper (tokenizer + LM, or --kind embeddings: token vectors) from text"),
+    "demo": ("clp_transfer.demo.run", "the whole pipeline offline on a real English model"),
 }
 
 log = logging.getLogger("clp_transfer")
@@ -120,6 +130,80 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
+def build_parser(command: str, module: Any | None = None) -> Any:
+    """The ``jsonargparse`` parser of a subcommand: its module's flags, ``--config`` and ``--debug``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    module = module if module is not None else importlib.import_module(SUBCOMMANDS[command][0])
+    parser = ArgumentParser(prog=f"clp-transfer {command}", description=SUBCOMMANDS[command][1])
+    module.add_cli_arguments(parser)
+    parser.add_argument("--config", action=ActionConfigFile,
+                        help="YAML file whose keys are this command's flags without the dashes (see configs/); "
+                             "flags given on the command line win, wherever --config stands")
+    parser.add_argument("--debug", action="store_true", dest="clp_debug",
+                        help=f"print the traceback of an error (also: {DEBUG_ENV}=1)")
+    return parser
+
+
+_DOTTED = re.compile(r"^--([A-Za-z]\w*)\.(\w+)(?:=(.*))?$")
+
+
+def _config_first(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into its ``--config FILE`` arguments and the rest, so the files can be read first."""
+    configs, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config" and i + 1 < len(argv):
+            configs += argv[i:i + 2]
+            i += 2
+            continue
+        (configs if a.startswith("--config=") else rest).append(a)
+        i += 1
+    return configs, rest
+
+
+def _split_dotted(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Take ``--field.key VALUE`` / ``--field.key=VALUE`` out of ``argv`` as (field, key, value)."""
+    rest, dotted, i = [], [], 0
+    while i < len(argv):
+        m = _DOTTED.match(argv[i])
+        if m and m.group(3) is None and i + 1 < len(argv):
+            dotted.append((m.group(1).replace("-", "_"), m.group(2), argv[i + 1]))
+            i += 2
+            continue
+        if m and m.group(3) is not None:
+            dotted.append((m.group(1).replace("-", "_"), m.group(2), m.group(3)))
+        else:
+            rest.append(argv[i])
+        i += 1
+    return rest, dotted
+
+
+def _apply_dotted(args: Any, dotted: list[tuple[str, str, str]]) -> None:
+    """Set one key of a ``key=value`` list field (``params``) per dotted override, keeping the others."""
+    for name, key, value in dotted:
+        current = getattr(args, name, None) or []
+        if not isinstance(current, list) or not all(isinstance(x, str) and "=" in x for x in current):
+            raise ClpError(f"--{name}.{key}: only key=value list flags (such as --params) take dotted keys")
+        pairs = dict(x.split("=", 1) for x in current)
+        pairs[key] = value
+        setattr(args, name, [f"{k}={v}" for k, v in pairs.items()])
+
+
+def parse_command_args(parser: Any, argv: list[str]) -> Any:
+    """Parse a subcommand's arguments: ``--config`` files first (lowest precedence), then the flags, then the
+    dotted overrides."""
+    configs, rest = _config_first(argv)
+    rest, dotted = _split_dotted(rest)
+    known = {opt.lstrip("-").replace("-", "_") for action in parser._actions for opt in action.option_strings}
+    for name, key, _ in dotted:
+        if name not in known:
+            parser.error(f"unrecognized arguments: --{name}.{key}")
+    args = parser.parse_args(configs + rest)
+    _apply_dotted(args, dotted)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -138,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         top.parse_args([command])  # argparse prints "invalid choice" with the list, exits 2
     setup_logging(level)
     module = importlib.import_module(SUBCOMMANDS[command][0])
-    parser = argparse.ArgumentParser(prog=f"clp-transfer {command}", description=SUBCOMMANDS[command][1])
-    module.add_cli_arguments(parser)
-    parser.add_argument("--debug", action="store_true", dest="clp_debug",
-                        help=f"print the traceback of an error (also: {DEBUG_ENV}=1)")
-    args = parser.parse_args(rest)
+    try:
+        args = parse_command_args(build_parser(command, module), rest)
+    except ClpError as e:
+        print(f"clp-transfer {command}: error: {e}", file=sys.stderr)
+        return 2
     return run_command(command, module, args, debug or bool(getattr(args, "clp_debug", False)))
 
 

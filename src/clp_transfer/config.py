@@ -1,9 +1,10 @@
 """Dataclass configs <-> command line flags <-> YAML files.
 
 Every pipeline stage is configured by a dataclass whose fields carry a docstring (an attribute docstring,
-the string literal right below the field). This module turns such a dataclass into ``argparse`` flags (the
-docstring becomes the help text), reads YAML files that mirror the dataclass, and merges
-defaults < YAML < flags given on the command line.
+the string literal right below the field). This module turns such a dataclass into flags on the command's
+parser (the docstring becomes the help text). The parser itself is a ``jsonargparse.ArgumentParser`` (see
+:mod:`clp_transfer.cli`), which reads ``--config`` YAML files that mirror the dataclass, checks their keys
+and types against these flags, and merges defaults < YAML < flags given on the command line.
 
 Flags accept both spellings, ``--learning_rate`` (Hugging Face style) and ``--learning-rate``.
 """
@@ -20,7 +21,7 @@ import textwrap
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Callable, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
@@ -61,12 +62,48 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _float(text: str) -> float:
+    """A float flag's value; non-finite values are parsed here and refused by :func:`from_dict` with the
+    flag's name (the parser's own float check would reject them with a generic message)."""
+    return float(text)
+
+
+_float.__name__ = "float"  # argparse names the type in its errors: "invalid float value"
+
+
 def _converter(tp: Any):
-    if tp in (int, float, str):
+    if tp is float:
+        return _float
+    if tp in (int, str):
         return tp
     if tp is Path:
         return Path
     return str
+
+
+TEXT_FLAG = "--text"
+"""The one flag name for target-language text in every stage; a config class whose text field has another
+name marks it with :func:`text_flag`, and that field's own flag stays as an alias."""
+
+
+def text_flag(field_name: str) -> Callable[[type[C]], type[C]]:
+    """Class decorator: ``--text`` sets the field ``field_name`` of this config (whose own flag, the older
+    spelling, keeps working)."""
+
+    def mark(cls: type[C]) -> type[C]:
+        cls.TEXT_FLAG = field_name  # type: ignore[attr-defined]
+        return cls
+
+    return mark
+
+
+def flag_names(cls: type, name: str) -> list[str]:
+    """The flags of field ``name``: ``--text`` first for the class's text field, then ``--name`` and, when
+    the name has an underscore, ``--name-with-dashes``."""
+    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    if getattr(cls, "TEXT_FLAG", None) == name:
+        names.insert(0, TEXT_FLAG)
+    return names
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
@@ -80,9 +117,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, skip: tu
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
         )
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
+        names = flag_names(cls, f.name)
         help_text = docs.get(f.name, "")
         if default is not None and default != [] and tp is not bool:
             help_text += f" (default: {default})"
@@ -137,8 +172,23 @@ def from_dict(cls: type[C], values: dict[str, Any], where: str = "config") -> C:
     return cls(**coerced)
 
 
-def build_config(cls: type[C], args: argparse.Namespace, yaml_path: str | Path | None = None) -> C:
-    """Defaults < YAML file < flags given on the command line."""
+def require_flags(cls: type, args: Any, one_of: list[tuple[str, ...]] = ()) -> None:
+    """Refuse a command whose flags (and ``--config`` file) leave a required field of ``cls`` unset: the fields
+    without a default, and for each group in ``one_of`` at least one of its fields."""
+    given = set(vars(args))
+    missing = [f"--{f.name}" for f in dataclasses.fields(cls)
+               if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+               and f.name not in given]
+    for group in one_of:
+        if not given & set(group):
+            missing.append(f"--{group[0]}" + "".join(f" (or --{g})" for g in group[1:]))
+    if missing:
+        raise ClpError(f"missing required flags: {' '.join(missing)}")
+
+
+def build_config(cls: type[C], args: Any, yaml_path: str | Path | None = None) -> C:
+    """Defaults < YAML file < flags given on the command line (``args`` holds both when the command's parser
+    read its ``--config``; ``yaml_path`` reads one more file below the flags)."""
     values: dict[str, Any] = {}
     if yaml_path:
         values.update(load_yaml(yaml_path))

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlparse
 
-from .errors import ClpError
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,24 @@
 """``transfer``: a source model + a target-language helper -> a target-language model.
 
-File I/O around :mod:`clp_transfer.methods`:
+Build problem -> solve -> write, around the in-memory API :func:`clp_transfer.transfer.embeddings.transfer_embeddings`:
 
 1. resolve source and helper to local safetensors directories (GGUF and hub ids included);
 2. read the three small things the maths needs: source embeddings (and untied head), helper embeddings,
-   and the two vocabularies — never the whole models;
-3. match vocabularies canonically (:mod:`clp_transfer.tokens`) and compute the new matrices;
+   and the two vocabularies - not the whole models;
+3. match vocabularies canonically (:mod:`clp_transfer.transfer.tokens`), plan the carried chat tokens, and
+   call :func:`transfer_embeddings` once: the method's rows, then (with ``--calibration_text``) the output
+   calibration as a step on those rows;
 4. copy the source checkpoint shard by shard with the embedding tensors replaced, write config, tokenizer and
    ``transfer_report.json`` into a temporary directory and rename it into place.
 
-Peak memory is about the embedding matrices plus the largest shard, whatever the model size.
+Peak memory is about the embedding matrices plus the largest shard, whatever the model size - except with
+``--calibration_text``: measuring the calibration statistics (:mod:`clp_transfer.transfer.calibration`) runs
+the target model once, which loads the whole source model in float32.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import platform
@@ -29,14 +32,17 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from .. import __version__
+from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from .calibration import calibration_statistics
 from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, update_chat_configs
 from .chat import summary as chat_summary
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError
-from .methods import METHODS, EmbeddingProblem, EmbeddingSolution, compute_target_embeddings
-from .modeling import (
+from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
+from ..errors import ClpError
+from .embeddings import TransferredEmbeddings, match_tokens, transfer_embeddings
+from .embeddings import padded_rows  # noqa: F401 (vocab_extend imports it from here)
+from .methods import METHODS, EmbeddingSolution
+from ..models import (
     WEIGHTS_INDEX,
     EmbeddingKeys,
     ModelFiles,
@@ -45,13 +51,14 @@ from .modeling import (
     load_tokenizer,
     resolve_model,
 )
-from .tokens import TokenMatch, VocabInfo, decompose, match_vocabularies
+from .tokens import TokenMatch, VocabInfo
 
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "transfer_report.json"
 
 
+@text_flag("calibration_text")
 @dataclass
 class TransferConfig:
     """Everything ``clp-transfer transfer`` takes."""
@@ -65,7 +72,7 @@ class TransferConfig:
     embeddings`); its tokenizer becomes the target tokenizer. Not needed with --helper_text."""
     helper_text: list[str] = field(default_factory=list)
     """Instead of --helper: target-language text files from which a helper space (skip-gram token vectors) is
-    built on the fly, for --target_tokenizer or for a tokenizer trained on the text (clp_transfer.helper_space)."""
+    built on the fly, for --target_tokenizer or for a tokenizer trained on the text (clp_transfer.transfer.helper_space)."""
     target_tokenizer: str | None = None
     """With --helper_text: the target tokenizer (default: train a 16k byte-level BPE on the text)."""
     helper_text_cpu_minutes: float | None = None
@@ -164,18 +171,6 @@ def parse_params(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def padded_rows(vocab_len: int, source_rows: int, source_vocab_len: int, multiple: int | None) -> tuple[int, int | None]:
-    """Rows of the target matrices: the vocabulary, padded like the source was (64/128) or as asked."""
-    if multiple is None and source_rows > source_vocab_len:
-        for m in (128, 64):
-            if source_rows % m == 0:
-                multiple = m
-                break
-    if multiple:
-        return -(-vocab_len // multiple) * multiple, multiple
-    return vocab_len, None
-
-
 def remap_rows(source: torch.Tensor, match: torch.Tensor, target_rows: int) -> torch.Tensor:
     """Per-token remap of a vocabulary-sized vector (e.g. an output bias): copied rows, mean elsewhere."""
     shared = match >= 0
@@ -208,72 +203,6 @@ def _update_config(cfg: dict[str, Any], rows: int, roles: dict[str, int]) -> dic
         if key in cfg or role in roles:
             cfg[key] = roles.get(role)
     return cfg
-
-
-def calibration_statistics(
-    source_dir: Path,
-    input_rows: torch.Tensor,
-    tokenizer: Any,
-    text: str,
-    positions: int = 4096,
-    count_bytes: int = 16_000_000,
-    seq_len: int = 512,
-    trust_remote_code: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the output calibration needs, from target-language text (the file ``text``).
-
-    Returns ``hidden`` [N, d]: the final (normalised) hidden states of the source body fed with the target
-    input rows ``input_rows`` [R, d], at N = ``positions`` positions of the text (documents joined by the
-    tokenizer's document separator; up to ``seq_len`` tokens from each of documents taken in a fixed
-    pseudo-random order, so sorted files are sampled evenly; cut into sequences of ``seq_len``), and
-    ``counts`` [V_t]: how often each target token occurs in the first ``count_bytes`` bytes of the text
-    (plus one separator per document).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from .perplexity import prefix_rule, read_documents
-
-    if positions < 1 or count_bytes < 1:
-        raise ClpError("calibration_tokens and calibration_count_bytes must be positive")
-    path = Path(text)
-    if not path.is_file():
-        raise ClpError(f"calibration text {text!r} does not exist; give a .txt or .jsonl file of target text")
-    sep, _ = prefix_rule(tokenizer)
-    v_t = len(tokenizer)
-    docs: list[list[int]] = []
-    n_bytes = 0
-    for doc in read_documents(path):
-        docs.append(([sep] if sep is not None else []) + tokenizer(doc, add_special_tokens=False)["input_ids"])
-        n_bytes += len(doc.encode("utf-8"))
-        if n_bytes >= count_bytes:
-            break
-    if not docs or sum(len(d) for d in docs) < 2:
-        raise ClpError(f"calibration text {text!r} has no usable documents")
-    counts = torch.zeros(v_t, dtype=torch.float64)
-    for d in docs:
-        counts += torch.bincount(torch.tensor(d, dtype=torch.long), minlength=v_t)[:v_t].double()
-    # Forward positions from documents spread over the whole text (files are often sorted by source), at most
-    # seq_len tokens of each, in a fixed pseudo-random order.
-    stream: list[int] = []
-    for i in torch.randperm(len(docs), generator=torch.Generator().manual_seed(0)).tolist():
-        stream.extend(docs[i][:seq_len])
-        if len(stream) >= positions:
-            break
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code).eval()
-    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(input_rows.float(), freeze=True))
-    from .eval_loading import context_length
-
-    ctx = context_length(model) or seq_len
-    seq_len = max(1, min(seq_len, ctx))
-    ids = torch.tensor(stream[:positions])
-    hidden = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(ids), seq_len), desc="calibration pass", unit="seq", leave=False):
-            out = model.base_model(input_ids=ids[start:start + seq_len][None]).last_hidden_state
-            hidden.append(out[0].float())
-    del model
-    return torch.cat(hidden), counts.float()
 
 
 def _peak_rss_mb() -> float:
@@ -357,18 +286,53 @@ def run_transfer(cfg: TransferConfig) -> TransferResult:
 
 
 def _run_transfer(cfg: TransferConfig) -> TransferResult:
+    """Build problem -> solve -> write: read the matrices, :func:`transfer_embeddings`, write the model."""
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
-    METHODS.get(cfg.method)  # unknown method: fail before any work
     from .vocab_extend import check_mode
 
     check_mode(cfg)
-    params = parse_params(cfg.params)
-    from .methods import method_params
-
-    method_params(cfg.method, params)
     out_path = check_output_path(cfg.output, cfg.overwrite)
+    inputs = _read_inputs(cfg)
+    if cfg.mode == "extend":
+        from .vocab_extend import run_extend
 
+        return run_extend(cfg, inputs.src, inputs.hlp, inputs.src_tok, inputs.tgt_tok, inputs.src_ckpt,
+                          inputs.keys, inputs.e_s, inputs.o_s, inputs.e_h, inputs.timings, t0)
+    result, chat = _solve(cfg, inputs)
+    report = _transfer_report(cfg, inputs, result, chat)
+    t = time.perf_counter()
+    with atomic_directory(out_path, overwrite=cfg.overwrite, inputs=[inputs.src.path, inputs.hlp.path]) as tmp:
+        _write_model(tmp, cfg, inputs, result, chat, report)
+        write_transfer_report(tmp, report, inputs.timings, t, t0)
+        from ..model_card import write_model_card  # README.md: the hub model card, built from the report
+
+        write_model_card(tmp, "transfer", source_dir=inputs.src.path, helper_dir=inputs.hlp.path)
+    log.info("%s", summary(report, out_path))
+    return TransferResult(out_path, report)
+
+
+@dataclass
+class _Inputs:
+    """What the transfer reads: resolved models, tokenizers and the embedding matrices (never whole models)."""
+
+    src: ModelFiles
+    hlp: ModelFiles
+    space: Any
+    src_tok: Any
+    tgt_tok: Any
+    src_ckpt: SafetensorsCheckpoint
+    keys: EmbeddingKeys
+    e_s: torch.Tensor
+    o_s: torch.Tensor | None
+    e_h: torch.Tensor
+    source_vocab: VocabInfo
+    target_vocab: VocabInfo
+    resolve_s: float
+    timings: dict[str, float]
+
+
+def _read_inputs(cfg: TransferConfig) -> _Inputs:
+    t0 = time.perf_counter()
     src = resolve_model(cfg.source, "source model", cfg.allow_pickle, cfg.trust_remote_code)
     space = _helper_space(cfg)  # None for a helper model
     hlp = ModelFiles(space.path, cfg.helper or "text", "helper_space") if space else resolve_model(
@@ -377,24 +341,19 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
     src_tok = load_tokenizer(src.path, cfg.trust_remote_code, "source model")
     tgt_tok = space.tokenizer if space else load_tokenizer(cfg.helper_tokenizer or hlp.path, cfg.trust_remote_code,
                                                            "helper model")
-    timings["resolve_s"] = time.perf_counter() - t0
-
-    # --- read only the embedding matrices
+    resolve_s = time.perf_counter() - t0
     t = time.perf_counter()
     src_ckpt = SafetensorsCheckpoint(src.path)
     keys = find_embedding_keys(src.path, src_ckpt, cfg.trust_remote_code)
     e_s = src_ckpt.get(keys.input)
     o_s = src_ckpt.get(keys.output) if keys.output and not keys.tied else None
-    spec = METHODS.get(cfg.method)
     if space is None:
         hlp_ckpt = SafetensorsCheckpoint(hlp.path)
         e_h = hlp_ckpt.get(find_embedding_keys(hlp.path, hlp_ckpt, cfg.trust_remote_code).input)
     else:
         e_h = space.vectors
-    timings["read_embeddings_s"] = time.perf_counter() - t
-
-    source_vocab = VocabInfo.from_tokenizer(src_tok)
-    target_vocab = VocabInfo.from_tokenizer(tgt_tok)
+    timings = {"resolve_s": resolve_s, "read_embeddings_s": time.perf_counter() - t}
+    source_vocab, target_vocab = VocabInfo.from_tokenizer(src_tok), VocabInfo.from_tokenizer(tgt_tok)
     if len(target_vocab) > e_h.shape[0]:
         raise ClpError(
             f"the helper tokenizer has {len(target_vocab)} tokens but the helper model's embeddings only "
@@ -404,105 +363,87 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
         raise ClpError(
             f"the source tokenizer has {len(source_vocab)} tokens but its embeddings only {e_s.shape[0]} rows"
         )
+    return _Inputs(src, hlp, space, src_tok, tgt_tok, src_ckpt, keys, e_s, o_s, e_h, source_vocab, target_vocab,
+                   resolve_s, timings)
 
-    if cfg.mode == "extend":
-        from .vocab_extend import run_extend
 
-        return run_extend(cfg, src, hlp, src_tok, tgt_tok, src_ckpt, keys, e_s, o_s, e_h, timings, t0)
-
-    # --- match vocabularies
+def _solve(cfg: TransferConfig, inputs: _Inputs) -> tuple[TransferredEmbeddings, ChatPlan]:
+    """Match, plan the carried chat tokens, then one :func:`transfer_embeddings` call (rows, calibration)."""
     t = time.perf_counter()
-    match = match_vocabularies(target_vocab, source_vocab, canonical=cfg.canonical_matching)
-    counts = match.counts()
-    if counts["shared"] - counts["special_role"] - counts["special_text"] <= 0:
-        raise ClpError(
-            f"the helper's tokenizer shares no ordinary token with the source's ({len(target_vocab)} vs "
-            f"{len(source_vocab)} tokens): the transfer has nothing to anchor the new embeddings on"
-        )
-    chat = plan_chat(src_tok, source_vocab, tgt_tok, target_vocab, match, src.path, enabled=cfg.chat)
-    pieces = decompose(target_vocab, source_vocab) if spec.wants_pieces(method_params(cfg.method, params)) else None
-    timings["match_s"] = time.perf_counter() - t
+    match = match_tokens(inputs.source_vocab, inputs.target_vocab, cfg.canonical_matching)
+    chat = plan_chat(inputs.src_tok, inputs.source_vocab, inputs.tgt_tok, inputs.target_vocab, match,
+                     inputs.src.path, enabled=cfg.chat)
+    inputs.timings["plan_s"] = time.perf_counter() - t
 
-    # Carried control tokens take the ids after the helper's vocabulary (inside the padding when it has room).
-    rows, multiple = padded_rows(len(target_vocab) + len(chat.new_tokens), e_s.shape[0], len(source_vocab),
-                                 cfg.pad_to_multiple_of)
-    source_id = torch.tensor(match.source_id, dtype=torch.long)
-    problem = EmbeddingProblem(
-        source_input=e_s,
-        source_id=source_id,
-        target_rows=rows,
-        source_output=o_s,
-        helper_input=e_h[: len(target_vocab)] if spec.needs_helper else None,
-        pieces=pieces,
-        source_padding_ids=list(range(len(source_vocab), e_s.shape[0])),
-    )
-    t = time.perf_counter()
-    solution = compute_target_embeddings(problem, cfg.method, params, seed=cfg.seed)
-    timings["compute_s"] = time.perf_counter() - t
-    if spec.wants_calibration(solution.stats["params"]) and match.missing_ids:
-        if cfg.calibration_text is None:
-            log.warning("method %r calibrates the output side to target-text token frequencies, but no "
-                        "--calibration_text was given: calibration skipped (pass target-language text, or "
-                        "--params calibrate=0 to silence this)", cfg.method)
-        else:
-            t = time.perf_counter()
-            hidden, token_counts = calibration_statistics(src.path, solution.input, tgt_tok, cfg.calibration_text,
-                                                    cfg.calibration_tokens, cfg.calibration_count_bytes,
-                                                    trust_remote_code=cfg.trust_remote_code)
-            problem = dataclasses.replace(problem, calibration_hidden=hidden, token_counts=token_counts)
-            solution = compute_target_embeddings(problem, cfg.method, params, seed=cfg.seed)
-            timings["calibration_s"] = time.perf_counter() - t
-    del e_h
+    def measure(input_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return calibration_statistics(inputs.src.path, input_rows, inputs.tgt_tok, cfg.calibration_text,
+                                      cfg.calibration_tokens, cfg.calibration_count_bytes,
+                                      trust_remote_code=cfg.trust_remote_code)
 
+    result = transfer_embeddings(
+        inputs.e_s, inputs.e_h, inputs.source_vocab, inputs.target_vocab, source_output=inputs.o_s,
+        method=cfg.method, params=parse_params(cfg.params), seed=cfg.seed,
+        canonical_matching=cfg.canonical_matching, pad_to_multiple_of=cfg.pad_to_multiple_of,
+        calibration=measure if cfg.calibration_text is not None else None, match=match,
+        extra_rows=len(chat.new_tokens))  # carried control tokens: ids after the helper's vocabulary
+    inputs.timings["match_s"] = inputs.timings.pop("plan_s") + result.report.timings.pop("match_s")
+    inputs.timings.update(result.report.timings)
+    o_s, rows = inputs.o_s, result.report.target_rows
     if o_s is not None and not cfg.transfer_untied_head:
         # Ablation: the original behaviour (resize by position) - row i of the head keeps source row i.
         log.warning("--no-transfer_untied_head: the output head keeps source rows by position (broken on purpose)")
         by_position = torch.arange(rows)
         by_position[by_position >= o_s.shape[0]] = -1
-        solution.output = remap_rows(o_s, by_position, rows)
-    set_chat_rows(chat, solution.input, solution.output, e_s, o_s)  # after calibration: exact source rows
+        result.output = remap_rows(o_s, by_position, rows)
+    set_chat_rows(chat, result.input, result.output, inputs.e_s, o_s)  # after calibration: exact source rows
+    return result, chat
 
+
+def _transfer_report(cfg: TransferConfig, inputs: _Inputs, result: TransferredEmbeddings,
+                     chat: ChatPlan) -> dict[str, Any]:
+    """``transfer_report.json`` without timings: the models, the typed embedding report, the options."""
+    r, src, hlp, space = result.report, inputs.src, inputs.hlp, inputs.space
     report: dict[str, Any] = {
         "clp_transfer_version": __version__,
-        "source": {"origin": src.origin, "kind": src.kind, "vocab_size": len(source_vocab),
-                   "embedding_rows": e_s.shape[0], "tokenizer_style": source_vocab.style.value,
-                   "tied": keys.tied},
-        "helper": {"origin": hlp.origin, "kind": hlp.kind, "embedding_rows": int(problem.helper_input.shape[0])
-                   if problem.helper_input is not None else None, "tokenizer": cfg.helper_tokenizer or hlp.origin,
-                   "tokenizer_style": target_vocab.style.value,
+        "source": {"origin": src.origin, "kind": src.kind, "vocab_size": r.source_vocab_size,
+                   "embedding_rows": r.source_rows, "tokenizer_style": r.source_tokenizer_style,
+                   "tied": inputs.keys.tied},
+        "helper": {"origin": hlp.origin, "kind": hlp.kind, "embedding_rows": r.helper_rows,
+                   "tokenizer": cfg.helper_tokenizer or hlp.origin, "tokenizer_style": r.target_tokenizer_style,
                    **({"space": _space_report(space.report)} if space else {})},
-        "target": {"vocab_size": len(target_vocab), "added_control_tokens": len(chat.new_tokens),
-                   "embedding_rows": rows, "padded_to_multiple_of": multiple,
-                   "dtype": str(e_s.dtype).replace("torch.", ""), "tied": keys.tied},
-        "method": cfg.method,
-        "params": solution.stats.get("params", {}),
-        "seed": cfg.seed,
-        "canonical_matching": cfg.canonical_matching,
+        "target": {"vocab_size": r.target_vocab_size, "added_control_tokens": len(chat.new_tokens),
+                   "embedding_rows": r.target_rows, "padded_to_multiple_of": r.padded_to_multiple_of,
+                   "dtype": str(inputs.e_s.dtype).replace("torch.", ""), "tied": inputs.keys.tied},
+        "method": r.method,
+        "params": r.params,
+        "seed": r.seed,
+        "canonical_matching": r.canonical_matching,
         "calibration_text": cfg.calibration_text,
         "transfer_untied_head": cfg.transfer_untied_head,
-        "matching": counts,
-        "special_tokens": _special_report(target_vocab, source_vocab, match),
-        "new_rows": {k: v for k, v in solution.stats.items() if k not in ("params", "method")},
-        "new_token_ids": match.missing_ids,
+        "matching": r.matching,
+        "special_tokens": _special_report(result.problem.target_vocab, result.problem.source_vocab,
+                                          result.problem.match),
+        "new_rows": r.new_rows,
+        "new_token_ids": r.new_token_ids,
     }
-    if pieces is not None:
-        report["pieces"] = {"no_pieces": sum(1 for i in match.missing_ids if not pieces[i])}
+    if r.tokens_without_pieces is not None:
+        report["pieces"] = {"no_pieces": r.tokens_without_pieces}
+    return report
 
-    t = time.perf_counter()
-    with atomic_directory(out_path, overwrite=cfg.overwrite, inputs=[src.path, hlp.path]) as tmp:
-        _write_checkpoint(tmp, src_ckpt, keys, solution, source_id, rows, chat.row_sources)
-        _write_config(tmp, src.path, rows, target_vocab.roles)
-        update_chat_configs(tmp, chat)
-        fit_to_source_context(tgt_tok, src.path, cfg.trust_remote_code)
-        apply_chat_tokenizer(tgt_tok, chat)
-        report["chat"] = _chat_report(chat)
-        tgt_tok.save_pretrained(tmp)
-        write_transfer_report(tmp, report, timings, t, t0)
-        from .model_card import write_model_card  # README.md: the hub model card, built from the report
 
-        write_model_card(tmp, "transfer", source_dir=src.path, helper_dir=hlp.path)
-    log.info("%s", summary(report, out_path))
-    return TransferResult(out_path, report)
+def _write_model(tmp: Path, cfg: TransferConfig, inputs: _Inputs, result: TransferredEmbeddings, chat: ChatPlan,
+                 report: dict[str, Any]) -> None:
+    """Checkpoint with the new matrices, config, chat files and tokenizer, into the directory being built."""
+    solution = EmbeddingSolution(result.input, result.output, {})
+    rows = result.report.target_rows
+    _write_checkpoint(tmp, inputs.src_ckpt, inputs.keys, solution, result.problem.problem.source_id, rows,
+                      chat.row_sources)
+    _write_config(tmp, inputs.src.path, rows, inputs.target_vocab.roles)
+    update_chat_configs(tmp, chat)
+    fit_to_source_context(inputs.tgt_tok, inputs.src.path, cfg.trust_remote_code)
+    apply_chat_tokenizer(inputs.tgt_tok, chat)
+    report["chat"] = _chat_report(chat)
+    inputs.tgt_tok.save_pretrained(tmp)
 
 
 def fit_to_source_context(tokenizer: Any, source_dir: Path, trust_remote_code: bool = False) -> None:
@@ -512,7 +453,7 @@ def fit_to_source_context(tokenizer: Any, source_dir: Path, trust_remote_code: b
     blocks would make the target tokenizer warn about (and truncate at) the helper's length."""
     from transformers import AutoConfig
 
-    from .eval_loading import context_length
+    from ..models import context_length
 
     context = context_length(AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code))
     if context:
@@ -626,18 +567,21 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list-methods", action="store_true", help="list the transfer methods and exit")
 
 
+def list_methods() -> str:
+    """One line per registered method: name, description and default parameters."""
+    lines = []
+    for name in METHODS:
+        spec = METHODS.get(name)
+        defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
+        lines.append(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
+    return "\n".join(lines)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     if args.list_methods:
-        for name in METHODS:
-            spec = METHODS.get(name)
-            defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-            print(f"{name:14s} {spec.description}" + (f" [{defaults}]" if defaults else ""))
+        print(list_methods())
         return 0
-    missing = [f"--{n}" for n in ("source", "output") if not hasattr(args, n)]
-    if not hasattr(args, "helper") and not hasattr(args, "helper_text"):
-        missing.append("--helper (or --helper_text)")
-    if missing:
-        raise ClpError(f"missing required flags: {' '.join(missing)}")
+    require_flags(TransferConfig, args, one_of=[("helper", "helper_text")])
     cfg = build_config(TransferConfig, args)
     run_transfer(cfg)  # logs its one-paragraph summary to stderr
     return 0

@@ -32,9 +32,6 @@ The maths (:func:`plan_windows`, :func:`score_documents`, :func:`score_token_str
 from __future__ import annotations
 
 import argparse
-import gzip
-import io
-import json
 import logging
 import math
 import os
@@ -48,11 +45,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .atomic import atomic_write_json, check_output_path
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError
-from .eval_loading import (
+from .. import __version__
+from ..atomic import atomic_write_json, check_output_path
+from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
+from ..data import count_lines, read_documents, resolve_text_sources  # noqa: F401 (re-exported)
+from ..errors import ClpError
+from ..models import prefix_rule  # noqa: F401 (re-exported)
+from ..models import (
     context_length,
     load_for_eval,
     model_device,
@@ -190,26 +189,6 @@ def window_arrays(seq: np.ndarray, window: Sequence[int], bos_every_window: bool
     else:
         inputs = seq[start : end - 1]
     return inputs, seq[start + 1 : end]
-
-
-def prefix_rule(tokenizer: Any) -> tuple[int | None, bool]:
-    """``(prefix_id, bos_every_window)`` for a tokenizer (see the module docstring).
-
-    The prefix is BOS, else EOS, else None (then each document's first token is context only). Windows all
-    start with BOS when the tokenizer's own encoding prepends BOS, i.e. the model was trained that way.
-    """
-    bos = getattr(tokenizer, "bos_token_id", None)
-    eos = getattr(tokenizer, "eos_token_id", None)
-    adds_bos = False
-    if bos is not None:
-        try:
-            with_special = tokenizer("Hallo Welt", add_special_tokens=True)["input_ids"]
-            plain = tokenizer("Hallo Welt", add_special_tokens=False)["input_ids"]
-            adds_bos = bool(with_special) and with_special[0] == bos and plain[:1] != [bos]
-        except Exception:  # pragma: no cover - exotic tokenizers
-            adds_bos = bool(getattr(tokenizer, "add_bos_token", False))
-    prefix = bos if bos is not None else eos
-    return prefix, adds_bos and prefix is not None
 
 
 class _Totals:
@@ -526,7 +505,7 @@ def score_token_stream(
     ``num_bytes`` of the whole stream (``TokenShards``: its index), scaled by the fraction of tokens scored
     when ``max_tokens`` cuts (then ``bytes_estimated`` is True).
     """
-    from .shards import TokenShards
+    from ..data import TokenShards
 
     block_size, stride = _check_block(model, block_size, None)
     if isinstance(tokens, TokenShards):
@@ -568,99 +547,10 @@ def score_token_stream(
                    time.perf_counter() - t0, bytes_estimated=truncated)
 
 
-# --------------------------------------------------------------------------------------------- text input
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_documents(path: str | os.PathLike, text_key: str = "text") -> Iterator[str]:
-    """Documents of a file: ``.jsonl`` -> the ``text_key`` field of each line; else one document per line.
-
-    ``.gz`` files are read transparently. Blank lines are skipped; a text line's trailing newline is not part
-    of the document.
-    """
-    p = Path(path)
-    is_jsonl = ".jsonl" in p.suffixes or ".json" in p.suffixes
-    try:
-        yield from _documents(p, is_jsonl, text_key)
-    except UnicodeDecodeError as e:
-        raise ClpError(f"{str(p)!r} is not valid UTF-8 text (byte 0x{e.object[e.start]:02x}); convert it to "
-                       "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
-
-
-def _documents(p: Path, is_jsonl: bool, text_key: str) -> Iterator[str]:
-    with _open_text(p) as f:
-        for lineno, line in enumerate(f, 1):
-            if is_jsonl:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ClpError(f"{str(p)!r} line {lineno} is not JSON: {e}") from None
-                if not isinstance(obj, dict) or text_key not in obj:
-                    raise ClpError(f"{str(p)!r} line {lineno} has no {text_key!r} field")
-                text = obj[text_key]
-                if text:
-                    yield str(text)
-            else:
-                text = line.rstrip("\r\n")
-                if text.strip():
-                    yield text
-
-
-def count_lines(paths: list[Path]) -> int | None:
-    """Lines in plain files (a progress bar total); None for compressed ones."""
-    n = 0
-    for p in paths:
-        if p.suffix == ".gz":
-            return None
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                n += block.count(b"\n")
-    return n
-
-
-def resolve_text_sources(data: str | None, split: str, text_files: Sequence[str] | None) -> tuple[list[Path], str]:
-    """Files to read and a description; checks they exist and are not empty."""
-    if bool(data) == bool(text_files):
-        raise ClpError("give either --data DIR (a prepared data directory) or --text_files FILE..., not both")
-    if data:
-        d = Path(data)
-        if not d.is_dir():
-            raise ClpError(f"--data {data!r} is not a directory (expected the output of `clp-transfer prepare`)")
-        f = d / f"{split}.jsonl"
-        if not f.is_file():
-            gz = d / f"{split}.jsonl.gz"
-            if gz.is_file():
-                f = gz
-            else:
-                have = sorted(p.name for p in d.glob("*.jsonl*"))
-                raise ClpError(
-                    f"{str(d)!r} has no {split}.jsonl (found: {', '.join(have) or 'none'}); the raw documents are "
-                    "needed so that models with different tokenizers score the same text. Pick another --split "
-                    "or re-run `clp-transfer prepare`"
-                )
-        files, desc = [f], f"{d}:{split}"
-    else:
-        files = [Path(t) for t in text_files or []]
-        desc = ", ".join(str(f) for f in files)
-    for f in files:
-        if not f.is_file():
-            raise ClpError(f"text file {str(f)!r} does not exist")
-        if f.stat().st_size == 0:
-            raise ClpError(f"text file {str(f)!r} is empty; give files with one document per line (.txt) or "
-                           "one {\"text\": ...} object per line (.jsonl)")
-    return files, desc
-
-
 # --------------------------------------------------------------------------------------------- API + CLI
 
 
+@text_flag("text_files")
 @dataclass
 class PerplexityConfig:
     """Everything ``clp-transfer perplexity`` takes."""
@@ -786,13 +676,11 @@ def run_perplexity(cfg: PerplexityConfig) -> PerplexityResult:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, PerplexityConfig)
-    parser.add_argument("--config", help="YAML file with the fields above (flags override it)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    if not hasattr(args, "model") and not getattr(args, "config", None):
-        raise ClpError("missing required flag: --model")
-    cfg = build_config(PerplexityConfig, args, getattr(args, "config", None))
+    require_flags(PerplexityConfig, args)
+    cfg = build_config(PerplexityConfig, args)
     result = run_perplexity(cfg)
     print(result.summary())
     if cfg.output:

@@ -4,7 +4,7 @@ Offline there are no German benchmark datasets, so this stage writes small task 
 from local JSONL files (``clp-transfer evaluate --include_path DIR --tasks <prefix>``):
 
 - ``<prefix>_ppl`` (``loglikelihood_rolling``): held-out documents; reports bits per byte, byte and word
-  perplexity exactly as :mod:`clp_transfer.perplexity` does. Give text none of the models was trained on.
+  perplexity exactly as :mod:`clp_transfer.evaluate.perplexity` does. Give text none of the models was trained on.
 - ``<prefix>_cloze`` (``multiple_choice``): the first half of a sentence, then which continuation is the
   original one; the others are second halves of other sentences of similar length.
 - ``<prefix>_translate`` (``multiple_choice``, needs ``--pairs``): an English word, then which German word
@@ -30,10 +30,10 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from . import __version__
-from .atomic import atomic_directory
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError
+from .. import __version__
+from ..atomic import atomic_directory
+from ..config import add_dataclass_arguments, build_config
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +145,13 @@ def cloze_items(sents: Sequence[str], n: int, num_choices: int, rng: random.Rand
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
     """``german<TAB>english`` lines (``.gz`` ok); lines without a tab are an error, blank lines skipped."""
-    from .perplexity import _open_text
+    from ..data import open_text
 
     p = Path(path)
     if not p.is_file():
         raise ClpError(f"pairs file {str(p)!r} does not exist")
     out = []
-    with _open_text(p) as f:
+    with open_text(p) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line.strip():
@@ -327,7 +327,7 @@ def make_tasks(
 
 
 def run_make_tasks(cfg: MakeTasksConfig) -> TaskFolder:
-    from .perplexity import read_documents, resolve_text_sources
+    from ..data import read_documents, resolve_text_sources
 
     if not cfg.output_dir:
         raise ClpError("missing required flag: --output_dir")

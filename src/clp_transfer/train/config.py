@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import ClpError
+from ..errors import ClpError
 
 Schedule = Literal["cosine", "constant"]
 

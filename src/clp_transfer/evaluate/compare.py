@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .atomic import atomic_write_bytes, atomic_write_text, check_output_path
-from .errors import ClpError
+from ..atomic import atomic_write_bytes, atomic_write_text, check_output_path
+from ..errors import ClpError
 
 LOWER_IS_BETTER = ("bits_per_byte", "perplexity", "loss", "byte_perplexity", "word_perplexity", "ter", "wer")
 _SKIP_KEYS = ("alias", "name", "sample_len", "samples")
@@ -259,10 +259,9 @@ def _display_labels(keys: list[str]) -> dict[str, str]:
 
 def plot_comparison(comparison: Comparison, path: str | Path, title: str | None = None) -> Path:
     """A bar chart per column (models as bars, the best one highlighted), written atomically as PNG."""
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("compare --plot")
 
     cols = [c for c in comparison.columns if any(_finite(r.metrics.get(c)) for r in comparison.rows)]
     if not cols:

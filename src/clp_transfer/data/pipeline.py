@@ -15,14 +15,14 @@ holding at least N + M bytes, valid is what follows train in that prefix, and no
 Outputs (``output_dir``, written to a temporary sibling and renamed into place when complete):
 
 - ``train.jsonl``, ``valid.jsonl``: the documents, one ``{"text": ...}`` per line;
-- with ``--tokenizer``: ``tokens/<split>/index.json`` + ``NNNNN.bin`` (:mod:`clp_transfer.shards`), the ids of
+- with ``--tokenizer``: ``tokens/<split>/index.json`` + ``NNNNN.bin`` (:mod:`clp_transfer.data.shards`), the ids of
   every document followed by EOS, uint16 when the vocabulary fits, else uint32;
 - ``stats.json``: documents, bytes, tokens and tokens per byte per split, tokenizer name and hash, source, seed.
 
 Tokenization works on chunks of about 1 MB with a bounded number of chunks in flight, and the results are
 written in order, so the output does not depend on ``num_proc`` and memory does not grow with the corpus.
 By default (``--parallelism processes``) ``num_proc`` single-threaded worker processes each encode a whole
-chunk: an exact word cache first (:mod:`clp_transfer.prepare_tokenize`; byte-level BPE tokenizers), then the
+chunk: an exact word cache first (:mod:`clp_transfer.data.encode`; byte-level BPE tokenizers), then the
 Rust tokenizer (``encode_batch_fast``, no offsets) for what it does not hold. ``--parallelism threads`` keeps
 everything in one process: a background thread hands each chunk to the Rust tokenizer, which splits it over
 ``num_proc`` threads of its own pool and releases the GIL meanwhile, while the main thread reads and writes
@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from . import __version__
-from .atomic import atomic_directory, check_disjoint, check_output_path, claim_output
-from .config import add_dataclass_arguments, build_config, load_yaml
-from .errors import ClpError
-from .prepare_sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
-from .prepare_tokenize import EncoderSpec, plan_piece_cache
+from .. import __version__
+from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
+from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
+from ..errors import ClpError
+from .sources import FileSource, HubSource, SkipCounts, hub_offline, hub_unreachable, resolve_files
+from .encode import EncoderSpec, plan_piece_cache
 from .shards import ShardWriter, TokenShards, dtype_for_vocab, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ SPLIT_RULE = (
 )
 
 
+@text_flag("files")
 @dataclass
 class PrepareConfig:
     """Everything ``clp-transfer prepare`` takes."""
@@ -223,7 +224,7 @@ class _ChunkRunner:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            from .prepare_tokenize import init_worker
+            from .encode import init_worker
 
             self.max_in_flight = 2 * num_proc + 1
             self.executor = ProcessPoolExecutor(
@@ -231,7 +232,7 @@ class _ChunkRunner:
                 initializer=init_worker, initargs=(spec, os.getpid()),
             )
             return
-        from .prepare_tokenize import Encoder, use_rust_threads
+        from .encode import Encoder, use_rust_threads
 
         if self.mode == "threads":
             from concurrent.futures import ThreadPoolExecutor
@@ -251,7 +252,7 @@ class _ChunkRunner:
         if self.mode == "threads":
             fut = self.executor.submit(self.encoder.encode, texts)  # type: ignore[union-attr]
         else:
-            from .prepare_tokenize import encode_in_worker
+            from .encode import encode_in_worker
 
             fut = self.executor.submit(encode_in_worker, texts)  # type: ignore[union-attr]
         self.pending.append((tag, fut))
@@ -414,7 +415,7 @@ def _write_splits(
     docs = dict.fromkeys(SPLITS, 0)
     nbytes = dict.fromkeys(SPLITS, 0)
     tokens = dict.fromkeys(SPLITS, 0)
-    raw = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8", buffering=CHUNK_BYTES) for s in SPLITS}
+    raw = _RawSplits(tmp)
     writers: dict[str, ShardWriter] = {}
     runner: _ChunkRunner | None = None
     ok = False
@@ -422,12 +423,7 @@ def _write_splits(
                disable=not cfg.progress, mininterval=1.0)
     try:
         if tok is not None:
-            for s in SPLITS:
-                writers[s] = ShardWriter(
-                    tmp / "tokens" / s, dtype=tok.dtype, tokenizer_name=tok.name, tokenizer_hash=tok.hash,
-                    vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, block_size=cfg.block_size,
-                    max_shard_tokens=cfg.max_shard_tokens,
-                )
+            writers.update(_shard_writers(cfg, tok, tmp))
             runner = _ChunkRunner(tok.spec, num_proc, parallelism_mode(cfg, tok.spec))
 
         def consume(done: Iterator[tuple[Any, Any]]) -> None:
@@ -442,10 +438,7 @@ def _write_splits(
         chunk_split = "train"
         pos = 0
         exhausted = True
-        dumps = json.encoder.encode_basestring  # = JSONEncoder(ensure_ascii=False).encode for a str, minus a layer
         documents = source.documents(counts, cfg.strict)
-        raw_lines: list[str] = []
-        raw_split = "train"
         for text, size in documents:
             if pos >= n_total:
                 exhausted = False
@@ -455,14 +448,7 @@ def _write_splits(
                 consume(runner.submit((chunk_split, chunk_bytes), chunk))
                 chunk, chunk_bytes = [], 0
             chunk_split = split
-            if split != raw_split:
-                raw[raw_split].write("".join(raw_lines))
-                raw_lines.clear()
-                raw_split = split
-            raw_lines.append('{"text": ' + dumps(text) + "}\n")
-            if len(raw_lines) >= 4096:  # one write per batch of lines: cheaper than a call per document
-                raw[split].write("".join(raw_lines))
-                raw_lines.clear()
+            raw.add(split, text)
             docs[split] += 1
             nbytes[split] += size
             pos += size
@@ -478,61 +464,106 @@ def _write_splits(
             if chunk:
                 consume(runner.submit((chunk_split, chunk_bytes), chunk))
             consume(runner.drain())
-        raw[raw_split].write("".join(raw_lines))
+        raw.flush()
         if docs["train"] == 0:
             raise ClpError(f"the source holds no documents (skipped: {counts.as_dict()}); nothing was written")
-        for f in raw.values():
-            f.flush()
-            os.fsync(f.fileno())
-        split_stats: dict[str, Any] = {}
-        first_doc = {"train": 0, "valid": docs["train"]}
-        for s in SPLITS:
-            st: dict[str, Any] = {
-                "documents": docs[s], "bytes": nbytes[s], "mb": round(nbytes[s] / MB, 6),
-                "source_documents": [first_doc[s], first_doc[s] + docs[s]],  # [first, end) among kept documents
-            }
-            if tok is not None:
-                writers[s].finish(num_documents=docs[s], num_bytes=nbytes[s])
-                text_tokens = tokens[s] - docs[s]
-                st.update(
-                    tokens=tokens[s], text_tokens=text_tokens,
-                    tokens_per_byte=round(text_tokens / nbytes[s], 6) if nbytes[s] else None,
-                    bytes_per_token=round(nbytes[s] / text_tokens, 6) if text_tokens else None,
-                )
-                if cfg.block_size:
-                    st["blocks"] = tokens[s] // cfg.block_size
-            split_stats[s] = st
-        if exhausted and pos < n_total:
-            want_t, want_v = n_train / MB, (n_total - n_train) / MB
-            log.warning(
-                "the source ended before the subsample was complete: train has %.3f MB of the %.3f MB asked, "
-                "valid %.3f MB of %.3f MB (%d + %d documents)%s",
-                nbytes["train"] / MB, want_t, nbytes["valid"] / MB, want_v, docs["train"], docs["valid"],
-                "; the validation split is EMPTY" if docs["valid"] == 0 else "",
-            )
-            if getattr(source, "revision", None):
-                log.warning("the source is the hub's parquet conversion (%s), which holds only the first part of "
-                            "a large split; for more text pass the dataset's own files with --files",
-                            source.revision)
-        elif docs["valid"] == 0:
-            log.warning("the validation split is empty (--valid_size_mb %.3f)", (n_total - n_train) / MB)
+        raw.sync()
+        result = _finish_splits(cfg, source, tok, writers, counts, docs, nbytes, tokens,
+                                exhausted and pos < n_total, n_train, n_total)
         ok = True
-        return {
-            "splits": split_stats,
-            "source_exhausted": exhausted and pos < n_total,
-            "skipped": counts.as_dict(),
-        }
+        return result
     finally:
         with contextlib.suppress(Exception):
             documents.close()  # type: ignore[possibly-undefined]
         bar.close()
         if runner is not None:
             runner.close(ok)
-        for f in raw.values():
-            f.close()
+        raw.close()
         for w in writers.values():
             if not w.closed:
                 w.abort()
+
+
+class _RawSplits:
+    """``train.jsonl`` and ``valid.jsonl`` being written: documents in order, one write per batch of lines
+    (cheaper than a call per document)."""
+
+    BATCH = 4096
+
+    def __init__(self, tmp: Path) -> None:
+        self.files = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8", buffering=CHUNK_BYTES) for s in SPLITS}
+        self.lines: list[str] = []
+        self.split = "train"
+        self.dumps = json.encoder.encode_basestring  # = JSONEncoder(ensure_ascii=False).encode of a str
+
+    def add(self, split: str, text: str) -> None:
+        if split != self.split:
+            self.flush()
+            self.split = split
+        self.lines.append('{"text": ' + self.dumps(text) + "}\n")
+        if len(self.lines) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        self.files[self.split].write("".join(self.lines))
+        self.lines.clear()
+
+    def sync(self) -> None:
+        """Flush and fsync both files."""
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def _shard_writers(cfg: PrepareConfig, tok: _TokenizerInfo, tmp: Path) -> dict[str, ShardWriter]:
+    return {s: ShardWriter(tmp / "tokens" / s, dtype=tok.dtype, tokenizer_name=tok.name, tokenizer_hash=tok.hash,
+                           vocab_size=tok.vocab_size, eos_token_id=tok.eos_token_id, block_size=cfg.block_size,
+                           max_shard_tokens=cfg.max_shard_tokens)
+            for s in SPLITS}
+
+
+def _finish_splits(cfg: PrepareConfig, source: FileSource | HubSource, tok: _TokenizerInfo | None,
+                   writers: dict[str, ShardWriter], counts: SkipCounts, docs: dict[str, int], nbytes: dict[str, int],
+                   tokens: dict[str, int], short: bool, n_train: int, n_total: int) -> dict[str, Any]:
+    """Close the shard writers and describe the splits (``stats.json``'s ``splits``); warn when the source
+    ended before the subsample was complete (``short``) or the validation split is empty."""
+    split_stats: dict[str, Any] = {}
+    first_doc = {"train": 0, "valid": docs["train"]}
+    for s in SPLITS:
+        st: dict[str, Any] = {
+            "documents": docs[s], "bytes": nbytes[s], "mb": round(nbytes[s] / MB, 6),
+            "source_documents": [first_doc[s], first_doc[s] + docs[s]],  # [first, end) among kept documents
+        }
+        if tok is not None:
+            writers[s].finish(num_documents=docs[s], num_bytes=nbytes[s])
+            text_tokens = tokens[s] - docs[s]
+            st.update(
+                tokens=tokens[s], text_tokens=text_tokens,
+                tokens_per_byte=round(text_tokens / nbytes[s], 6) if nbytes[s] else None,
+                bytes_per_token=round(nbytes[s] / text_tokens, 6) if text_tokens else None,
+            )
+            if cfg.block_size:
+                st["blocks"] = tokens[s] // cfg.block_size
+        split_stats[s] = st
+    if short:
+        want_t, want_v = n_train / MB, (n_total - n_train) / MB
+        log.warning(
+            "the source ended before the subsample was complete: train has %.3f MB of the %.3f MB asked, "
+            "valid %.3f MB of %.3f MB (%d + %d documents)%s",
+            nbytes["train"] / MB, want_t, nbytes["valid"] / MB, want_v, docs["train"], docs["valid"],
+            "; the validation split is EMPTY" if docs["valid"] == 0 else "",
+        )
+        if getattr(source, "revision", None):
+            log.warning("the source is the hub's parquet conversion (%s), which holds only the first part of "
+                        "a large split; for more text pass the dataset's own files with --files",
+                        source.revision)
+    elif docs["valid"] == 0:
+        log.warning("the validation split is empty (--valid_size_mb %.3f)", (n_total - n_train) / MB)
+    return {"splits": split_stats, "source_exhausted": short, "skipped": counts.as_dict()}
 
 
 def prepare(
@@ -570,8 +601,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
         "--output_dir data/de --subsample_size_mb 100 --tokenizer models/gpt2-de --block_size 512"
     )
     add_dataclass_arguments(parser, PrepareConfig)
-    parser.add_argument("--config", default=None, metavar="YAML",
-                        help="YAML file with PrepareConfig fields (flags given on the command line win)")
 
 
 class _Terminated(KeyboardInterrupt):
@@ -596,12 +625,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    given = dict(load_yaml(args.config)) if getattr(args, "config", None) else {}
-    given.update({k: v for k, v in vars(args).items() if k != "config"})
-    missing = [f"--{n}" for n in ("output_dir", "subsample_size_mb") if n not in given]
-    if missing:
-        raise ClpError(f"missing required flags: {' '.join(missing)}")
-    cfg = build_config(PrepareConfig, args, yaml_path=getattr(args, "config", None))
+    require_flags(PrepareConfig, args)
+    cfg = build_config(PrepareConfig, args)
     with _sigterm_as_interrupt():
         result = run_prepare(cfg)
     st = result.stats

@@ -41,14 +41,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_directory, atomic_write_json, atomic_write_text, check_disjoint, output_lock
-from .config import add_dataclass_arguments, build_config, load_yaml, to_yaml
-from .errors import ClpError
-from .eval_loading import context_length
+from ..atomic import atomic_directory, atomic_write_json, atomic_write_text, check_disjoint, output_lock
+from ..config import add_dataclass_arguments, build_config, load_yaml, to_yaml
+from ..errors import ClpError
+from ..models import context_length
 from .schedule import (BlockOrder, Phase, micro_batch_samples, phase_at, plan_phases, samples_before,
                        steps_for_tokens)
-from .shards import TokenShards
-from .train_config import TrainConfig
+from ..data import TokenShards
+from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[Any, Any, str]:
     """The model to train (fp32 weights; mixed precision is accelerate's autocast) and its tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .modeling import load_tokenizer, resolve_model
+    from ..models import load_tokenizer, resolve_model
 
     if cfg.from_scratch:
         src = Path(cfg.model_config or cfg.model)  # type: ignore[arg-type]
@@ -159,7 +159,7 @@ def set_learning_rates(optimizer: torch.optim.Optimizer, phase: Phase, step: int
     f = phase.lr_factor(step)
     top = 0.0
     for g in optimizer.param_groups:
-        if phase.name == "embedding-tuning":
+        if phase.tunes_embeddings:
             if g["kind"] == "embedding":
                 peak = cfg.embedding_learning_rate
             else:
@@ -189,7 +189,7 @@ def row_lr_scales(cfg: TrainConfig, phase: Phase, rows: int, new_ids: list[int] 
     get 0 (frozen). Row scaling acts on the update (see :func:`scale_row_updates`), so it works for any
     optimizer whose step is proportional to its learning rate, as AdamW's is (decoupled decay included).
     """
-    freeze_shared = phase.name == "embedding-tuning" and cfg.embedding_tuning_rows == "new"
+    freeze_shared = phase.tunes_embeddings and cfg.embedding_tuning_rows == "new"
     if cfg.new_token_lr_multiplier == 1.0 and not freeze_shared:
         return None
     if new_ids is None:
@@ -294,7 +294,7 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     """
     import zipfile
 
-    from .modeling import safetensors_problem
+    from ..models import safetensors_problem
 
     for f in sorted(ckpt.iterdir()):
         why = None
@@ -413,12 +413,11 @@ def plot_learning_curves(log_path: Path, png: Path, title: str = "") -> Path | N
     records = [json.loads(line) for line in log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["tokens"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    if not train and not evals:
-        return None
-    import matplotlib
+    from ..plotting import optional_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_pyplot("the learning-curve plot") if train or evals else None
+    if plt is None:
+        return None
 
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
@@ -529,58 +528,101 @@ def train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, flo
         return _train(config, eval_callback)
 
 
-def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, float]] | None = None) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+@dataclass
+class _Run:
+    """The fixed facts of one training run, shared by the pieces of :func:`_train`."""
 
-    cfg = dataclasses.replace(config, report_to=list(config.report_to))
-    cfg.validate()
+    cfg: TrainConfig
+    accelerator: Any
+    mixed_precision: str
+    run_dir: Path
+    phases: list[Phase]
+    total_steps: int
+    block: int
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def tokens_at(self, step: int) -> int:
+        """Tokens trained on before optimizer step ``step`` (all processes)."""
+        return samples_before(self.phases, step, self.world, self.cfg.gradient_accumulation_steps) * self.block
+
+
+@dataclass
+class _Parts:
+    """The model being trained and what updates it."""
+
+    model: Any
+    """The model as the accelerator prepared it (wrapped under DDP)."""
+    raw: Any
+    """The unwrapped model."""
+    tokenizer: Any
+    name: str
+    optimizer: Any
+    embeddings: list[torch.Tensor]
+    """The input embedding matrix (and an untied head)."""
+    body_params: list[torch.Tensor]
+    row_scales: dict[str, torch.Tensor | None]
+    """Per phase name: per-row learning-rate multipliers of the embedding matrices, or None."""
+
+
+@dataclass
+class _Data:
+    """The token shards a run reads and the fixed validation subsets."""
+
+    train: TokenShards
+    valid: TokenShards | None
+    order: Any
+    eval_ids: np.ndarray | None
+    """Validation blocks of every evaluation (the first ones of the split), or None without evaluation."""
+    check: tuple[TokenShards, np.ndarray, bool]
+    """(shards, block ids, is validation) of the fixed batch every checkpoint is checked on."""
+
+
+def _accelerator(cfg: TrainConfig) -> tuple[Any, str]:
+    from accelerate import Accelerator
+
+    from ..models import default_device
+
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    from .modeling import default_device
-
     # cpu=True when no accelerator exists: that is what lets accelerate run DDP over gloo on CPU processes.
     accelerator = Accelerator(mixed_precision=mp, cpu=default_device().type == "cpu",
                               dynamo_backend="inductor" if cfg.torch_compile else None)
     if accelerator.distributed_type.name == "DEEPSPEED" and cfg.gradient_accumulation_steps > 1:
         raise ClpError("under DeepSpeed run with --gradient_accumulation_steps 1 (raise --per_device_train_batch_size "
                        "instead): DeepSpeed accumulates on its own and would scale the loss twice")
-    is_main = accelerator.is_main_process
-    world = accelerator.num_processes
-    distributed = world > 1
+    return accelerator, mp
 
-    run_dir = Path(cfg.output_dir)  # type: ignore[arg-type]
-    resume_from = prepare_run_dir(cfg, is_main)
 
+def _open_shards(cfg: TrainConfig) -> tuple[TokenShards, TokenShards | None]:
     train_shards = TokenShards(cfg.data, "train")  # type: ignore[arg-type]
     try:
         valid_shards: TokenShards | None = TokenShards(cfg.data, "valid")  # type: ignore[arg-type]
     except ClpError:
         valid_shards = None
         log.warning("no validation shards in %s: no evaluation", cfg.data)
-    set_seed(cfg.seed)
-    model, tokenizer, model_name = load_model_and_tokenizer(cfg)
-    ctx = context_length(model)
-    if cfg.block_size is None:
-        cfg.block_size = min(x for x in (train_shards.index.block_size or 1024, ctx or 10**9))
-    block = int(cfg.block_size)
-    if resume_from is not None or (cfg.resume and (run_dir / "run_config.yaml").is_file()):
-        check_resume_settings(run_dir, cfg)  # now with block_size resolved, as run_config.yaml has it
-    check_data(model, tokenizer, train_shards, valid_shards, block)
-    if cfg.overwrite and is_main:
-        clear_run_dir(run_dir)
-    accelerator.wait_for_everyone()
+    return train_shards, valid_shards
 
-    total_steps = _total_steps(cfg, world)
-    min_ratio = cfg.min_lr / cfg.learning_rate
+
+def _plan(cfg: TrainConfig, accelerator: Any, mp: str, run_dir: Path, train_shards: TokenShards) -> _Run:
+    total_steps = _total_steps(cfg, accelerator.num_processes)
     phases = plan_phases(total_steps, cfg.embedding_tuning_ratio, cfg.per_device_train_batch_size,
                          cfg.embedding_batch_size, cfg.lr_scheduler_type, cfg.embedding_lr_scheduler_type,
-                         cfg.warmup_ratio, cfg.embedding_warmup_ratio, min_ratio, warmup_steps=cfg.warmup_steps)
-    order = BlockOrder(train_shards.num_blocks(block), cfg.seed, shuffle=cfg.data_order == "shuffled")
-    accum = cfg.gradient_accumulation_steps
+                         cfg.warmup_ratio, cfg.embedding_warmup_ratio, cfg.min_lr / cfg.learning_rate,
+                         warmup_steps=cfg.warmup_steps)
+    return _Run(cfg, accelerator, mp, run_dir, phases, total_steps, int(cfg.block_size))  # type: ignore[arg-type]
 
+
+def _prepare_parts(run: _Run, model: Any, tokenizer: Any, name: str) -> _Parts:
+    """Optimizer, device placement, and the per-row learning rates of each phase."""
+    cfg, accelerator = run.cfg, run.accelerator
     embeddings = embedding_parameters(model)
     optimizer = make_optimizer(parameter_groups(model, embeddings, cfg), cfg, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -590,12 +632,83 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
     body_params = [p for p in raw.parameters() if id(p) not in emb_ids]
     added_ids = new_token_ids(cfg.model if not cfg.from_scratch else None)
     rows = embeddings[0].shape[0]
-    phase_row_scales = {p.name: row_lr_scales(cfg, p, rows, added_ids) for p in phases}
-    if any(v is not None for v in phase_row_scales.values()) and accelerator.distributed_type.name in ("FSDP",
-                                                                                                      "DEEPSPEED"):
+    row_scales = {p.name: row_lr_scales(cfg, p, rows, added_ids) for p in run.phases}
+    if any(v is not None for v in row_scales.values()) and accelerator.distributed_type.name in ("FSDP",
+                                                                                              "DEEPSPEED"):
         raise ClpError("per-row learning rates (--new_token_lr_multiplier, --embedding_tuning_rows new) need whole "
                        "embedding matrices on every process: use DDP or one device, not FSDP/DeepSpeed")
+    return _Parts(model, raw, tokenizer, name, optimizer, embeddings, body_params, row_scales)
 
+
+def _data(run: _Run, train_shards: TokenShards, valid_shards: TokenShards | None) -> _Data:
+    cfg, block = run.cfg, run.block
+    order = BlockOrder(train_shards.num_blocks(block), cfg.seed, shuffle=cfg.data_order == "shuffled")
+    eval_ids = None
+    if valid_shards is not None and valid_shards.num_blocks(block) == 0:
+        log.warning("the validation split is shorter than one block of %d tokens: no evaluation", block)
+        valid_shards = None
+    if valid_shards is not None:
+        n_eval = min(valid_shards.num_blocks(block), cfg.eval_batches * cfg.per_device_eval_batch_size)
+        eval_ids = np.arange(n_eval)  # the first blocks of the split: the same subset at every evaluation
+    # The fixed batch every checkpoint is checked on before it is written (validation blocks when there are).
+    use_valid = eval_ids is not None and len(eval_ids) > 0
+    check_shards = valid_shards if use_valid else train_shards
+    check_ids = (eval_ids if use_valid else np.arange(train_shards.num_blocks(block)))[  # type: ignore[index]
+        : cfg.per_device_eval_batch_size]
+    return _Data(train_shards, valid_shards, order, eval_ids, (check_shards, check_ids, use_valid))  # type: ignore[arg-type]
+
+
+def _save_checkpoint(run: _Run, step: int, check_loss: float, use_valid: bool) -> None:
+    """Write the full training state of ``step`` to a temporary directory, check it, rename it into place and
+    keep the last ``save_total_limit`` checkpoints."""
+    accelerator, is_main = run.accelerator, run.is_main
+    ck_dir = run.run_dir / "checkpoints"
+    tmp = ck_dir / f".step-{step:06d}.tmp"
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if is_main:
+        atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": run.tokens_at(step),
+                                                       "total_steps": run.total_steps, "check_loss": check_loss,
+                                                       "check_split": "valid" if use_valid else "train"})
+        problem = checkpoint_problem(tmp)
+        if problem:
+            raise ClpError(f"the checkpoint just written is damaged ({problem}); is the disk full?")
+        final = ck_dir / f"step-{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for _, old in _checkpoints(run.run_dir)[: -max(1, run.cfg.save_total_limit)]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, float]] | None = None) -> TrainResult:
+    from accelerate.utils import set_seed
+
+    cfg = dataclasses.replace(config, report_to=list(config.report_to))
+    cfg.validate()
+    accelerator, mp = _accelerator(cfg)
+    is_main = accelerator.is_main_process
+    run_dir = Path(cfg.output_dir)  # type: ignore[arg-type]
+    resume_from = prepare_run_dir(cfg, is_main)
+    train_shards, valid_shards = _open_shards(cfg)
+    set_seed(cfg.seed)
+    model, tokenizer, model_name = load_model_and_tokenizer(cfg)
+    ctx = context_length(model)
+    if cfg.block_size is None:
+        cfg.block_size = min(x for x in (train_shards.index.block_size or 1024, ctx or 10**9))
+    if resume_from is not None or (cfg.resume and (run_dir / "run_config.yaml").is_file()):
+        check_resume_settings(run_dir, cfg)  # now with block_size resolved, as run_config.yaml has it
+    check_data(model, tokenizer, train_shards, valid_shards, int(cfg.block_size))
+    if cfg.overwrite and is_main:
+        clear_run_dir(run_dir)
+    accelerator.wait_for_everyone()
+
+    run = _plan(cfg, accelerator, mp, run_dir, train_shards)
+    parts = _prepare_parts(run, model, tokenizer, model_name)
     start_step = 0
     if resume_from is not None:
         resume_from, start_step = load_checkpoint(accelerator, run_dir, resume_from)
@@ -605,195 +718,196 @@ def _train(config: TrainConfig, eval_callback: Callable[[Any, int], dict[str, fl
         atomic_write_text(run_dir / "run_config.yaml", to_yaml(cfg))
     runlog = RunLog(run_dir / "logs", cfg.report_to, start_step if resume_from else None,
                     dataclasses.asdict(cfg)) if is_main else None
-
-    eval_ids = None
-    if valid_shards is not None and valid_shards.num_blocks(block) == 0:
-        log.warning("the validation split is shorter than one block of %d tokens: no evaluation", block)
-        valid_shards = None
-    if valid_shards is not None:
-        n_eval = min(valid_shards.num_blocks(block), cfg.eval_batches * cfg.per_device_eval_batch_size)
-        eval_ids = np.arange(n_eval)  # the first blocks of the split: the same subset at every evaluation
-
+    data = _data(run, train_shards, valid_shards)
     if is_main:
         log.info("training %s on %s: %d steps (%s), %d process(es), block %d, device %s, precision %s",
-                 model_name, cfg.data, total_steps, " + ".join(f"{p.name} {p.steps}" for p in phases), world,
-                 block, accelerator.device, mp)
+                 model_name, cfg.data, run.total_steps, " + ".join(f"{p.name} {p.steps}" for p in run.phases),
+                 run.world, run.block, accelerator.device, mp)
+    last_eval = _loop(run, parts, data, runlog, start_step, eval_callback)
+    return _finish(run, parts, data, runlog, last_eval, start_step if resume_from else None)
+
+
+def _set_phase(run: _Run, parts: _Parts, phase: Phase, previous: Phase | None, step: int,
+               runlog: RunLog | None) -> None:
+    if previous is not None and runlog is not None:
+        runlog.write({"step": step, "tokens": run.tokens_at(step), "event": "phase_end", "phase": previous.name})
+    set_trainable(parts.raw, parts.embeddings,
+                  body_trainable=not (phase.tunes_embeddings and run.cfg.embedding_freeze_body),
+                  distributed=run.world > 1)
+    log.info("phase %s: steps %d-%d, batch %d", phase.name, phase.start, phase.end - 1, phase.batch_size)
+
+
+def _step_learning_rates(run: _Run, parts: _Parts, phase: Phase, step: int) -> tuple[float, torch.Tensor | None]:
+    """Set the groups' learning rates for ``step``; with per-row rates the embedding groups run at the
+    largest row rate and the returned row scales (<= 1) bring the other rows down."""
+    lr = set_learning_rates(parts.optimizer, phase, step, run.cfg)
+    row_scales = parts.row_scales[phase.name]
+    if row_scales is not None:
+        top_scale = float(row_scales.max())
+        for g in parts.optimizer.param_groups:
+            if g["kind"] == "embedding":
+                g["lr"] *= top_scale
+        row_scales = row_scales / top_scale if top_scale > 0 else row_scales
+    return lr, row_scales
+
+
+def _accumulate(run: _Run, parts: _Parts, data: _Data, phase: Phase, step: int, loss_sum: torch.Tensor) -> int:
+    """Forward and backward over the micro-batches of ``step``; adds their losses to ``loss_sum``."""
+    accelerator, accum, block = run.accelerator, run.cfg.gradient_accumulation_steps, run.block
+    first = samples_before(run.phases, step, run.world, accum)
+    for micro in range(accum):
+        s0, n = micro_batch_samples(first, micro, accelerator.process_index, run.world, phase.batch_size)
+        x = torch.from_numpy(np.stack([data.train.block(int(b), block) for b in data.order.blocks(s0, n)]))
+        x = x.to(accelerator.device, non_blocking=True)
+        sync = micro == accum - 1
+        ctx_mgr = accelerator.no_sync(parts.model) if (run.world > 1 and not sync) else contextlib.nullcontext()
+        with ctx_mgr:
+            with accelerator.autocast():
+                loss = parts.model(input_ids=x, labels=x).loss
+            accelerator.backward(loss / accum)
+        loss_sum += loss.detach().float()
+    return accum
+
+
+def _update(run: _Run, parts: _Parts, phase: Phase, row_scales: torch.Tensor | None) -> Any:
+    """Clip, step the optimizer (per-row rates applied to the update), zero the gradients; the gradient norm."""
+    if phase.tunes_embeddings and run.cfg.embedding_freeze_body:
+        for p in parts.body_params:
+            p.grad = None  # frozen body: AdamW skips parameters without gradient
+    grad_norm = None
+    if run.cfg.max_grad_norm > 0:
+        grad_norm = run.accelerator.clip_grad_norm_([p for p in parts.raw.parameters() if p.grad is not None],
+                                                    run.cfg.max_grad_norm)
+    before = [p.detach().clone() for p in parts.embeddings] if row_scales is not None else None
+    parts.optimizer.step()
+    if before is not None:
+        scale_row_updates(parts.embeddings, before, row_scales)
+    parts.optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def _loop(run: _Run, parts: _Parts, data: _Data, runlog: RunLog | None, start_step: int,
+          eval_callback: Callable[[Any, int], dict[str, float]] | None) -> dict[str, float] | None:
+    """The optimizer steps from ``start_step``: logging, evaluation and checkpoints; the last evaluation."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator = run.cfg, run.accelerator
     fault_step = int(os.environ.get(FAULT_ENV, "0") or 0)
-
-    # The fixed batch every checkpoint is checked on before it is written (validation blocks when there are).
-    use_valid = eval_ids is not None and len(eval_ids) > 0
-    check_shards = valid_shards if use_valid else train_shards
-    check_ids = (eval_ids if use_valid else np.arange(train_shards.num_blocks(block)))[  # type: ignore[index]
-        : cfg.per_device_eval_batch_size]
-
-    def save_checkpoint(step: int, check_loss: float) -> None:
-        ck_dir = run_dir / "checkpoints"
-        tmp = ck_dir / f".step-{step:06d}.tmp"
-        if is_main and tmp.exists():
-            shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if is_main:
-            tokens = samples_before(phases, step, world, accum) * block
-            atomic_write_json(tmp / "trainer_state.json", {"step": step, "tokens": tokens, "total_steps": total_steps,
-                                                           "check_loss": check_loss,
-                                                           "check_split": "valid" if use_valid else "train"})
-            problem = checkpoint_problem(tmp)
-            if problem:
-                raise ClpError(f"the checkpoint just written is damaged ({problem}); is the disk full?")
-            final = ck_dir / f"step-{step:06d}"
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            for _, old in _checkpoints(run_dir)[: -max(1, cfg.save_total_limit)]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    model.train()
+    parts.model.train()
     current_phase: Phase | None = None
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-               disable=not (is_main and cfg.progress))
+    bar = tqdm(total=run.total_steps, initial=start_step, desc="train", unit="step",
+               disable=not (run.is_main and cfg.progress))
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only at logging steps
     loss_count = 0
-    t_log, tokens_at_log = time.perf_counter(), samples_before(phases, start_step, world, accum) * block
+    t_log, tokens_at_log = time.perf_counter(), run.tokens_at(start_step)
     last_eval: dict[str, float] | None = None
-    for step in range(start_step, total_steps):
-        phase = phase_at(phases, step)
+    for step in range(start_step, run.total_steps):
+        phase = phase_at(run.phases, step)
         if phase is not current_phase:
-            if current_phase is not None and runlog is not None:
-                runlog.write({"step": step, "tokens": samples_before(phases, step, world, accum) * block,
-                              "event": "phase_end", "phase": current_phase.name})
-            set_trainable(raw, embeddings, body_trainable=not (phase.name == "embedding-tuning"
-                                                               and cfg.embedding_freeze_body),
-                          distributed=distributed)
+            _set_phase(run, parts, phase, current_phase, step, runlog)
             current_phase = phase
-            log.info("phase %s: steps %d-%d, batch %d", phase.name, phase.start, phase.end - 1, phase.batch_size)
-        lr = set_learning_rates(optimizer, phase, step, cfg)
-        row_scales = phase_row_scales[phase.name]
-        if row_scales is not None:
-            top_scale = float(row_scales.max())
-            for g in optimizer.param_groups:
-                if g["kind"] == "embedding":
-                    g["lr"] *= top_scale
-            row_scales = row_scales / top_scale if top_scale > 0 else row_scales
-        first = samples_before(phases, step, world, accum)
-        for micro in range(accum):
-            s0, n = micro_batch_samples(first, micro, accelerator.process_index, world, phase.batch_size)
-            x = torch.from_numpy(np.stack([train_shards.block(int(b), block) for b in order.blocks(s0, n)]))
-            x = x.to(accelerator.device, non_blocking=True)
-            sync = micro == accum - 1
-            ctx_mgr = accelerator.no_sync(model) if (distributed and not sync) else contextlib.nullcontext()
-            with ctx_mgr:
-                with accelerator.autocast():
-                    loss = model(input_ids=x, labels=x).loss
-                accelerator.backward(loss / accum)
-            loss_sum += loss.detach().float()
-            loss_count += 1
-        if phase.name == "embedding-tuning" and cfg.embedding_freeze_body:
-            for p in body_params:
-                p.grad = None  # frozen body: AdamW skips parameters without gradient
-        grad_norm = None
-        if cfg.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_([p for p in raw.parameters() if p.grad is not None],
-                                                    cfg.max_grad_norm)
-        before = [p.detach().clone() for p in embeddings] if row_scales is not None else None
-        optimizer.step()
-        if before is not None:
-            scale_row_updates(embeddings, before, row_scales)
-        optimizer.zero_grad(set_to_none=True)
+        lr, row_scales = _step_learning_rates(run, parts, phase, step)
+        loss_count += _accumulate(run, parts, data, phase, step, loss_sum)
+        grad_norm = _update(run, parts, phase, row_scales)
         done = step + 1
         bar.update(1)
-
-        if done % cfg.logging_steps == 0 or done == total_steps:
+        if done % cfg.logging_steps == 0 or done == run.total_steps:
             mean_loss = accelerator.reduce(loss_sum / max(1, loss_count), "mean").item()
             loss_sum.zero_()
             loss_count = 0
-            now = time.perf_counter()
-            tokens = samples_before(phases, done, world, accum) * block
+            now, tokens = time.perf_counter(), run.tokens_at(done)
             record = {"step": done, "loss": mean_loss, "lr": lr, "tokens": tokens,
                       "tokens_per_s": (tokens - tokens_at_log) / max(1e-9, now - t_log), "phase": phase.name}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             t_log, tokens_at_log = now, tokens
             if not math.isfinite(mean_loss):
-                where = last_good_checkpoint(run_dir)
+                where = last_good_checkpoint(run.run_dir)
                 raise ClpError(f"the training loss became {mean_loss} at step {done} (phase {phase.name}); "
                                f"stopping; {where}. Lower --learning_rate/--embedding_learning_rate or check the data")
             if runlog is not None:
                 runlog.write(record)
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if eval_ids is not None and cfg.eval_steps and done % cfg.eval_steps == 0:
-            last_eval = evaluate_blocks(model, valid_shards, eval_ids, block, cfg.per_device_eval_batch_size,
-                                        accelerator)
-            if eval_callback is not None:
-                raw.eval()
-                last_eval = {**last_eval, **eval_callback(raw, done)}
-                raw.train()
-            if runlog is not None:
-                runlog.write({"step": done, "tokens": samples_before(phases, done, world, accum) * block,
-                              **last_eval})
-        if cfg.save_steps and done % cfg.save_steps == 0 and done < total_steps:
+        evaluated_now = data.eval_ids is not None and cfg.eval_steps and done % cfg.eval_steps == 0
+        if evaluated_now:
+            last_eval = _evaluate_now(run, parts, data, done, runlog, eval_callback)
+        if cfg.save_steps and done % cfg.save_steps == 0 and done < run.total_steps:
             if loss_count and not math.isfinite(float(loss_sum)):
                 raise ClpError(f"the training loss became {float(loss_sum)} before step {done}; stopping before "
-                               f"writing a checkpoint of a broken model; {last_good_checkpoint(run_dir)}")
-            evaluated_now = eval_ids is not None and cfg.eval_steps and done % cfg.eval_steps == 0
-            save_checkpoint(done, checkpoint_check_loss(model, raw, accelerator, check_shards, check_ids, block,
-                                                        cfg.per_device_eval_batch_size, done, run_dir,
-                                                        last_eval if evaluated_now else None,
-                                                        "valid" if use_valid else "train"))
+                               f"writing a checkpoint of a broken model; {last_good_checkpoint(run.run_dir)}")
+            shards, ids, use_valid = data.check
+            _save_checkpoint(run, done, checkpoint_check_loss(
+                parts.model, parts.raw, accelerator, shards, ids, run.block, cfg.per_device_eval_batch_size, done,
+                run.run_dir, last_eval if evaluated_now else None, "valid" if use_valid else "train"), use_valid)
         if fault_step and done == fault_step:
             os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
+    return last_eval
 
+
+def _evaluate_now(run: _Run, parts: _Parts, data: _Data, done: int, runlog: RunLog | None,
+                  eval_callback: Callable[[Any, int], dict[str, float]] | None) -> dict[str, float]:
+    result = evaluate_blocks(parts.model, data.valid, data.eval_ids, run.block,  # type: ignore[arg-type]
+                             run.cfg.per_device_eval_batch_size, run.accelerator)
+    if eval_callback is not None:
+        parts.raw.eval()
+        result = {**result, **eval_callback(parts.raw, done)}
+        parts.raw.train()
+    if runlog is not None:
+        runlog.write({"step": done, "tokens": run.tokens_at(done), **result})
+    return result
+
+
+def _finish(run: _Run, parts: _Parts, data: _Data, runlog: RunLog | None, last_eval: dict[str, float] | None,
+            resumed_from: int | None) -> TrainResult:
+    """The final evaluation on the whole validation split, ``final/`` with its model card, ``results.json``
+    and the loss plot."""
+    cfg, accelerator, run_dir = run.cfg, run.accelerator, run.run_dir
     final_eval = None
-    if cfg.final_eval and valid_shards is not None:
-        all_ids = np.arange(valid_shards.num_blocks(block))
-        final_eval = evaluate_blocks(model, valid_shards, all_ids, block, cfg.per_device_eval_batch_size, accelerator)
+    if cfg.final_eval and data.valid is not None:
+        all_ids = np.arange(data.valid.num_blocks(run.block))
+        final_eval = evaluate_blocks(parts.model, data.valid, all_ids, run.block, cfg.per_device_eval_batch_size,
+                                     accelerator)
         final_eval = {k.replace("eval_", "final_eval_"): v for k, v in final_eval.items()}
         if runlog is not None:
-            runlog.write({"step": total_steps, "tokens": samples_before(phases, total_steps, world, accum) * block,
-                          **final_eval})
-
+            runlog.write({"step": run.total_steps, "tokens": run.tokens_at(run.total_steps), **final_eval})
     final_dir = run_dir / "final"
-    state_dict = accelerator.get_state_dict(model)
-    if is_main:
+    state_dict = accelerator.get_state_dict(parts.model)
+    if run.is_main:
         with atomic_directory(final_dir, overwrite=True) as tmp:
-            raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            parts.raw.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            parts.tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / "train_config.yaml", to_yaml(cfg))
-        tokens_seen = samples_before(phases, total_steps, world, accum) * block
         atomic_write_json(run_dir / "results.json", {
-            "model": model_name, "data": cfg.data, "steps": total_steps, "tokens_seen": tokens_seen,
-            "phases": [dataclasses.asdict(p) for p in phases], "final_eval": final_eval,
-            "last_eval": last_eval, "resumed_from_step": start_step if resume_from else None,
-            "processes": world, "mixed_precision": mp,
+            "model": parts.name, "data": cfg.data, "steps": run.total_steps,
+            "tokens_seen": run.tokens_at(run.total_steps),
+            "phases": [dataclasses.asdict(p) for p in run.phases], "final_eval": final_eval,
+            "last_eval": last_eval, "resumed_from_step": resumed_from,
+            "processes": run.world, "mixed_precision": run.mixed_precision,
         })
-        from .model_card import write_model_card  # final/README.md: the hub model card, from the records above
+        from ..model_card import write_model_card  # final/README.md: the hub model card, from the records above
 
         write_model_card(final_dir, "train", run_dir=run_dir)
     accelerator.wait_for_everyone()
     plot = None
     if runlog is not None:
         runlog.close()
-        plot = plot_learning_curves(runlog.path, run_dir / "logs" / "loss.png", title=f"{model_name}")
+        plot = plot_learning_curves(runlog.path, run_dir / "logs" / "loss.png", title=f"{parts.name}")
         log.info("final model: %s; log: %s; plot: %s", final_dir, runlog.path, plot)
     accelerator.end_training()
-    return TrainResult(run_dir, final_dir, run_dir / "logs" / "train_log.jsonl", plot, total_steps,
-                       samples_before(phases, total_steps, world, accum) * block, final_eval,
-                       start_step if resume_from else None)
+    return TrainResult(run_dir, final_dir, run_dir / "logs" / "train_log.jsonl", plot, run.total_steps,
+                       run.tokens_at(run.total_steps), final_eval, resumed_from)
 
 
 # --------------------------------------------------------------------------------------------- CLI
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with TrainConfig fields (flags given here override it)")
     add_dataclass_arguments(parser, TrainConfig)
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    cfg = build_config(TrainConfig, args, getattr(args, "config", None))
+    cfg = build_config(TrainConfig, args)
     result = train(cfg)
     summary = f"trained {result.steps} steps, {result.tokens_seen:,} tokens"
     if result.final_eval:

@@ -13,16 +13,15 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .atomic import atomic_write_text
-from .errors import ClpError
-from .modeling import cache_dir
+from ..atomic import atomic_write_text
+from ..errors import ClpError
+from ..models import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +151,3 @@ def split_documents(docs: list[str], heldout_fraction: float, seed: int = 0) -> 
         (heldout if h < heldout_fraction else train).append(doc)
     return train, heldout
 
-
-def have_package_client() -> bool:
-    return shutil.which("apt-get") is not None and shutil.which("dpkg-deb") is not None

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import ClpError, NonFiniteEmbeddingsError
-from .registry import Registry
+from ..errors import ClpError, NonFiniteEmbeddingsError
+from ..registry import Registry
 
 CHUNK = 1024  # missing tokens per similarity block: [CHUNK, |S|] floats at a time
 
@@ -789,13 +789,67 @@ def compute_target_embeddings(
 
     target_in = assemble(problem.source_input, rows.input)
     target_out = assemble(problem.source_output, rows.output) if problem.source_output is not None else None
+    _check_finite(method, target_in, target_out)
+    stats = {
+        "method": method,
+        "params": all_params,
+        "target_vocab_size": v_t,
+        "target_rows": problem.target_rows,
+        "shared": len(shared),
+        "missing": len(missing),
+        **_norm_stats(problem, target_in, None),
+        **rows.info,
+    }
+    solution = EmbeddingSolution(target_in, target_out, stats)
+    if strength > 0:
+        return calibrate_solution(problem, solution)
+    if target_out is not None and len(missing):
+        stats.update(_norm_stats(problem, target_in, target_out))
+    return solution
+
+
+def _check_finite(method: str, target_in: torch.Tensor, target_out: torch.Tensor | None) -> None:
+    if not torch.isfinite(target_in).all() or (target_out is not None and not torch.isfinite(target_out).all()):
+        raise NonFiniteEmbeddingsError(f"method {method!r} produced non-finite embeddings")
+
+
+def _norm_stats(problem: EmbeddingProblem, target_in: torch.Tensor,
+                target_out: torch.Tensor | None) -> dict[str, Any]:
+    """Mean row norms of shared and new rows (input side; the untied head's ratio when ``target_out``)."""
+    shared, missing = problem.shared, problem.missing
+
+    def norm(x: torch.Tensor) -> float:
+        return float(x.float().norm(dim=-1).mean()) if len(x) else float("nan")
+
+    if target_out is not None:
+        return {"norm_ratio_new_to_shared_output": norm(target_out[missing]) / norm(target_out[shared])}
+    shared_norm = norm(target_in[shared])
+    return {"mean_norm_shared_rows": shared_norm, "mean_norm_new_rows": norm(target_in[missing]),
+            "norm_ratio_new_to_shared": norm(target_in[missing]) / shared_norm if len(missing) else None}
+
+
+def calibrate_solution(problem: EmbeddingProblem, solution: EmbeddingSolution) -> EmbeddingSolution:
+    """The output calibration as a step after the rows: shift the output side of ``solution`` (the untied
+    head, or the tied matrix) with :func:`calibrate_frequencies`, using ``problem.calibration_hidden`` and
+    ``problem.token_counts`` and the ``calibrate`` / ``calibrate_shared`` parameters in ``solution.stats``.
+
+    All target tokens move, or only the new ones when ``calibrate_shared`` is false. Without calibration
+    data (or with ``calibrate=0``) the rows stay and ``stats["calibration"]`` says why. The method's rows
+    are not recomputed, so this costs one softmax pass over the hidden states.
+    """
+    params = solution.stats.get("params", {})
+    strength = float(params.get("calibrate", 0.0))
+    method = solution.stats.get("method", "?")
+    v_t, missing = problem.source_id.shape[0], problem.missing
+    target_in, target_out = solution.input, solution.output
     calibration: dict[str, Any] = {"applied": False}
     if strength > 0 and len(missing):
         if problem.calibration_hidden is None:
             calibration["skipped"] = "no calibration text (token counts and hidden states) was given"
         else:
+            dtype = target_in.dtype
             # The output side: the untied head, or the tied matrix (then the input rows move with it).
-            rows_to_shift = torch.arange(v_t) if all_params.get("calibrate_shared", True) else missing
+            rows_to_shift = torch.arange(v_t) if params.get("calibrate_shared", True) else missing
             head, shift = calibrate_frequencies(target_out if target_out is not None else target_in,
                                                 problem.calibration_hidden, problem.token_counts,
                                                 rows_to_shift, strength)
@@ -807,27 +861,10 @@ def compute_target_embeddings(
             calibration = {"applied": True, "positions": int(problem.calibration_hidden.shape[0]),
                            "counted_tokens": int(problem.token_counts.sum()), "rows_shifted": len(rows_to_shift),
                            "mean_abs_shift": float(moved.abs().mean()), "mean_shift_new": float(shift[missing].mean())}
-    if not torch.isfinite(target_in).all() or (target_out is not None and not torch.isfinite(target_out).all()):
-        raise NonFiniteEmbeddingsError(f"method {method!r} produced non-finite embeddings")
-
-    def norm(x: torch.Tensor) -> float:
-        return float(x.float().norm(dim=-1).mean()) if len(x) else float("nan")
-
-    shared_norm = norm(target_in[shared])
-    stats = {
-        "method": method,
-        "params": all_params,
-        "target_vocab_size": v_t,
-        "target_rows": problem.target_rows,
-        "shared": len(shared),
-        "missing": len(missing),
-        "mean_norm_shared_rows": shared_norm,
-        "mean_norm_new_rows": norm(target_in[missing]),
-        "norm_ratio_new_to_shared": norm(target_in[missing]) / shared_norm if len(missing) else None,
-        **rows.info,
-    }
+    _check_finite(method, target_in, target_out)
+    stats = {**solution.stats, **_norm_stats(problem, target_in, None)}
     if strength > 0:
         stats["calibration"] = calibration
     if target_out is not None and len(missing):
-        stats["norm_ratio_new_to_shared_output"] = norm(target_out[missing]) / norm(target_out[shared])
+        stats.update(_norm_stats(problem, target_in, target_out))
     return EmbeddingSolution(target_in, target_out, stats)

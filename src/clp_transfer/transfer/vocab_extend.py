@@ -37,7 +37,7 @@ probability at English positions tokenized as before ("stealing"). Two levers, b
   the new logits drop by about G nats where the context reads like the source language only.
 
 :func:`extend_vocabulary` is the pure merge on tokenizer specs (dicts); :func:`run_extend` is the I/O part
-that :func:`clp_transfer.transfer.run_transfer` calls for ``--mode extend``.
+that :func:`clp_transfer.transfer.pipeline.run_transfer` calls for ``--mode extend``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ClpError
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def extend_keeping_text(source_spec: dict[str, Any], target_spec: dict[str, Any]
 
 def read_keep_text(path: str | Path, max_bytes: int) -> list[str]:
     """Documents of a keep text (.txt: one per line; .jsonl: a "text" field; .gz allowed), up to ``max_bytes``."""
-    from .perplexity import read_documents
+    from ..data import read_documents
 
     if not Path(path).is_file():
         raise ClpError(f"--keep_text {str(path)!r} does not exist; give a .txt or .jsonl file of source-language text")
@@ -527,12 +527,12 @@ def _calibrate_new_rows(cfg: Any, src_path: Path, ext_tok: Any, inp: Any, out: A
                         strength: float) -> tuple[Any, Any, dict[str, Any]]:
     """Output calibration of the new rows only (source rows stay bit-for-bit) on the extended head, then the
     optional ``new_token_logit_offset``: every new row [d] += offset * u, u [d] the bias direction of the
-    calibration hidden states (:func:`clp_transfer.methods.bias_direction`), and, with ``keep_text``, the
+    calibration hidden states (:func:`clp_transfer.transfer.methods.bias_direction`), and, with ``keep_text``, the
     guard: every new row [d] += new_token_guard * g (:func:`guard_direction`)."""
     import torch
 
     from .methods import bias_direction, calibrate_frequencies
-    from .transfer import calibration_statistics
+    from .pipeline import calibration_statistics
 
     hidden, counts = calibration_statistics(src_path, inp, ext_tok, cfg.calibration_text, cfg.calibration_tokens,
                                             cfg.calibration_count_bytes, trust_remote_code=cfg.trust_remote_code)
@@ -614,7 +614,7 @@ def extend_card(directory: Path, source_dir: str | Path | None = None, helper_di
 
     Built with :mod:`clp_transfer.model_card`'s helpers so it has the same metadata rules as replace mode's
     card; the languages are the source's and the helper's (the model is meant to keep the first)."""
-    from . import model_card as mc
+    from .. import model_card as mc
 
     r = json.loads((Path(directory) / "transfer_report.json").read_text(encoding="utf-8"))
     src, hlp, x, tgt = r["source"], r["helper"], r["extension"], r["target"]
@@ -677,16 +677,16 @@ Bits per byte: not measured by `transfer`. Measure them on held-out text of both
 
 def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckpt: Any, keys: Any, e_s: Any,
                o_s: Any, e_h: Any, timings: dict[str, float], t0: float) -> Any:
-    """``--mode extend`` of :func:`clp_transfer.transfer.run_transfer`, from the point where the embedding
+    """``--mode extend`` of :func:`clp_transfer.transfer.pipeline.run_transfer`, from the point where the embedding
     matrices are read: merge the tokenizers, make the new rows, write the model. Returns a TransferResult."""
     import time
 
     import torch
 
-    from . import __version__
-    from .atomic import atomic_directory
+    from .. import __version__
+    from ..atomic import atomic_directory
     from .methods import METHODS, EmbeddingSolution, method_params
-    from .transfer import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
+    from .pipeline import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
                            parse_params, write_transfer_report)
 
     spec = METHODS.get(cfg.method)
@@ -789,7 +789,7 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         fit_to_source_context(ext_tok, src.path, cfg.trust_remote_code)
         ext_tok.save_pretrained(tmp)
         write_transfer_report(tmp, report, timings, t, t0)
-        from .model_card import write_model_card  # README.md, as replace mode writes one
+        from ..model_card import write_model_card  # README.md, as replace mode writes one
 
         write_model_card(tmp, "extend", source_dir=src.path, helper_dir=hlp.path)
     work.cleanup()

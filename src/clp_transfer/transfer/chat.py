@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .errors import ClpError
+from ..errors import ClpError
 from .tokens import SPECIAL_ROLES, TokenMatch, VocabInfo
 
 log = logging.getLogger(__name__)

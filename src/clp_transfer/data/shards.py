@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ClpError
+from ..errors import ClpError
 
 FORMAT_NAME = "clp-transfer-shards"
 FORMAT_VERSION = 1
@@ -140,10 +140,6 @@ class TokenShards:
 
     def __len__(self) -> int:
         return int(self._starts[-1])
-
-    @property
-    def bytes_per_token(self) -> float:
-        return self.index.num_bytes / max(1, self.index.num_tokens)
 
     def read(self, start: int, length: int) -> np.ndarray:
         """ids[start:start+length] as int64, crossing shard boundaries when needed."""

@@ -15,7 +15,7 @@ builds one from text files:
    into place.
 
 ``--kind embeddings`` builds a helper *space* instead - the tokenizer plus skip-gram token vectors, in
-minutes (:mod:`clp_transfer.helper_space`); ``transfer --helper`` takes either.
+minutes (:mod:`clp_transfer.transfer.helper_space`); ``transfer --helper`` takes either.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .atomic import atomic_directory, check_output_path, claim_output
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError
+from ..atomic import atomic_directory, check_output_path, claim_output
+from ..config import add_dataclass_arguments, build_config, require_flags
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 
@@ -254,11 +254,8 @@ def train_helper(config: HelperConfig) -> Path:
 
 def _train_helper(config: HelperConfig) -> Path:
     import torch
-    from torch.optim.lr_scheduler import LambdaLR
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from .tiny import train_tokenizer, tiny_model
+    from ..tiny import train_tokenizer
 
     cfg = config
     t_start = time.perf_counter()
@@ -282,100 +279,8 @@ def _train_helper(config: HelperConfig) -> Path:
         del docs
         log.info("helper: %d tokens (%.2f bytes per token), %d blocks of %d", n_tokens, n_bytes / n_tokens,
                  blocks.shape[0], cfg.block_size)
-
-        model = tiny_model(cfg.architecture, tokenizer, seed=cfg.seed, hidden_size=cfg.hidden_size,
-                           num_layers=cfg.num_layers, num_heads=cfg.num_heads,
-                           max_position_embeddings=cfg.block_size, intermediate_size=cfg.intermediate_size)
-        n_params = sum(p.numel() for p in model.parameters())
-        emb = model.get_input_embeddings().weight
-        head = model.get_output_embeddings()
-        n_embed = emb.numel() + (head.weight.numel() if head is not None and head.weight is not emb else 0)
-        log.info("helper: %s model with %.2fM parameters (%.2fM in token embeddings)", cfg.architecture,
-                 n_params / 1e6, n_embed / 1e6)
-        model.train()
-
-        clock = _Clock()
-        losses: list[float] = []
-        tokens_seen = [0]
-        history: list[list[float]] = []
-        stopped = {"by": None}
-
-        class Budget(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                clock.t0 = time.perf_counter()
-
-            def on_step_end(self, args, state, control, **kw):
-                if cfg.time_budget_minutes and clock.elapsed() >= cfg.time_budget_minutes * 60:
-                    stopped["by"] = "time_budget"
-                    control.should_training_stop = True
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if not logs or "loss" not in logs:
-                    return
-                window = losses[-args.logging_steps:] or [float(logs["loss"])]
-                loss = sum(window) / len(window)
-                history.append([state.global_step, round(loss, 4)])
-                el = clock.elapsed()
-                log.info("helper: step %d, loss %.3f, lr %.2e, %.0f tokens/s, %.0f s", state.global_step, loss,
-                         logs.get("learning_rate", float("nan")), tokens_seen[0] / max(el, 1e-9), el)
-
-        class HelperTrainer(Trainer):
-            def create_scheduler(self, num_training_steps, optimizer=None):
-                if self.lr_scheduler is None:
-                    total = cfg.max_steps or (None if cfg.time_budget_minutes else num_training_steps)
-                    self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
-                                                 lambda step: _lr_factor(step, cfg, total, clock))
-                return self.lr_scheduler
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                result = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                              num_items_in_batch=num_items_in_batch)
-                if model.training:
-                    loss = result[0] if return_outputs else result
-                    losses.append(float(loss.detach()))
-                    tokens_seen[0] += int(inputs["input_ids"].numel())
-                return result
-
-        if cfg.max_steps:
-            max_steps, epochs = cfg.max_steps, 1.0
-        elif cfg.time_budget_minutes:
-            max_steps, epochs = 10**9, 1.0  # the callback stops it
-        else:
-            max_steps, epochs = -1, cfg.epochs
-
-        with tempfile.TemporaryDirectory(prefix="clp-helper-trainer-") as scratch:
-            args = TrainingArguments(
-                output_dir=scratch,
-                per_device_train_batch_size=cfg.batch_size,
-                learning_rate=cfg.learning_rate,
-                weight_decay=cfg.weight_decay,
-                adam_beta2=0.95,
-                max_grad_norm=1.0,
-                max_steps=max_steps,
-                num_train_epochs=epochs,
-                logging_steps=cfg.logging_steps,
-                save_strategy="no",
-                report_to="none",
-                disable_tqdm=True,
-                seed=cfg.seed,
-                data_seed=cfg.seed,
-                dataloader_num_workers=0,
-                dataloader_pin_memory=torch.cuda.is_available(),
-                torch_compile=cfg.torch_compile,
-            )
-            trainer = HelperTrainer(model=model, args=args, train_dataset=_Blocks(blocks),
-                                    data_collator=default_data_collator, callbacks=[Budget()])
-            for cb in (PrinterCallback, ProgressCallback):  # progress goes through logging instead
-                trainer.remove_callback(cb)
-            result = trainer.train()
-        train_s = clock.elapsed()
-        steps = int(result.global_step)
-        if stopped["by"] is None:
-            stopped["by"] = "max_steps" if cfg.max_steps else "epochs"
-        window = losses[-cfg.logging_steps:]
-        if not history or history[-1][0] != steps:
-            history.append([steps, round(sum(window) / max(1, len(window)), 4)])
-
+        model, sizes = _helper_model(cfg, tokenizer)
+        fit = _fit(cfg, model, blocks)
         model.eval()
         model.config.use_cache = True
         report = {
@@ -386,22 +291,8 @@ def _train_helper(config: HelperConfig) -> Path:
                      "blocks": int(blocks.shape[0])},
             "tokenizer": {"kind": cfg.tokenizer_kind, "vocab_size": len(tokenizer),
                           "train_seconds": round(tokenizer_s, 2)},
-            "model": {"architecture": cfg.architecture, "parameters": n_params,
-                      "embedding_parameters": n_embed, "non_embedding_parameters": n_params - n_embed,
-                      "tied": bool(model.config.tie_word_embeddings)},
-            "training": {
-                "steps": steps,
-                "tokens": tokens_seen[0],
-                "epochs": round(tokens_seen[0] / (blocks.numel() or 1), 4),
-                "final_loss": round(sum(window) / max(1, len(window)), 4),
-                "final_loss_window_steps": len(window),
-                "mean_loss": round(float(result.training_loss), 4),
-                "seconds": round(train_s, 1),
-                "tokens_per_second": round(tokens_seen[0] / max(train_s, 1e-9), 1),
-                "stopped_by": stopped["by"],
-                "num_threads": torch.get_num_threads(),
-                "loss_history": history,
-            },
+            "model": {"architecture": cfg.architecture, **sizes, "tied": bool(model.config.tie_word_embeddings)},
+            "training": fit.report(cfg, blocks.numel()),
             "total_seconds": round(time.perf_counter() - t_start, 1),
             "versions": _versions(),
         }
@@ -409,13 +300,173 @@ def _train_helper(config: HelperConfig) -> Path:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-            from .model_card import write_model_card  # README.md: the hub model card, built from the report
+            from ..model_card import write_model_card  # README.md: the hub model card, built from the report
 
             write_model_card(tmp, "helper")
     finally:
         torch.set_num_threads(threads_before)
     log.info("helper: %s", summary(report, out))
     return out
+
+
+def _helper_model(cfg: HelperConfig, tokenizer: Any) -> tuple[Any, dict[str, int]]:
+    """The small model to train, and its parameter counts for the report."""
+    from ..tiny import tiny_model
+
+    model = tiny_model(cfg.architecture, tokenizer, seed=cfg.seed, hidden_size=cfg.hidden_size,
+                       num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                       max_position_embeddings=cfg.block_size, intermediate_size=cfg.intermediate_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    n_embed = emb.numel() + (head.weight.numel() if head is not None and head.weight is not emb else 0)
+    log.info("helper: %s model with %.2fM parameters (%.2fM in token embeddings)", cfg.architecture,
+             n_params / 1e6, n_embed / 1e6)
+    model.train()
+    return model, {"parameters": n_params, "embedding_parameters": n_embed,
+                   "non_embedding_parameters": n_params - n_embed}
+
+
+@dataclass
+class _Fit:
+    """What the training saw, filled in by the trainer's hooks."""
+
+    clock: "_Clock"
+    losses: list[float] = field(default_factory=list)
+    tokens_seen: int = 0
+    history: list[list[float]] = field(default_factory=list)
+    stopped_by: str | None = None
+    steps: int = 0
+    mean_loss: float = float("nan")
+    seconds: float = 0.0
+
+    def window(self, logging_steps: int) -> list[float]:
+        return self.losses[-logging_steps:]
+
+    def report(self, cfg: HelperConfig, block_tokens: int) -> dict[str, Any]:
+        import torch
+
+        window = self.window(cfg.logging_steps)
+        return {
+            "steps": self.steps,
+            "tokens": self.tokens_seen,
+            "epochs": round(self.tokens_seen / (block_tokens or 1), 4),
+            "final_loss": round(sum(window) / max(1, len(window)), 4),
+            "final_loss_window_steps": len(window),
+            "mean_loss": round(self.mean_loss, 4),
+            "seconds": round(self.seconds, 1),
+            "tokens_per_second": round(self.tokens_seen / max(self.seconds, 1e-9), 1),
+            "stopped_by": self.stopped_by,
+            "num_threads": torch.get_num_threads(),
+            "loss_history": self.history,
+        }
+
+
+def _fit(cfg: HelperConfig, model: Any, blocks: Any) -> _Fit:
+    """Train ``model`` on ``blocks`` with the Hugging Face ``Trainer`` for the configured steps, epochs or
+    minutes; the learning-rate schedule is :func:`_lr_factor`."""
+    from transformers import default_data_collator
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    fit = _Fit(_Clock())
+    with tempfile.TemporaryDirectory(prefix="clp-helper-trainer-") as scratch:
+        trainer = _trainer_class(cfg, fit)(model=model, args=_training_arguments(cfg, scratch),
+                                           train_dataset=_Blocks(blocks), data_collator=default_data_collator,
+                                           callbacks=[_budget_callback(cfg, fit)])
+        for cb in (PrinterCallback, ProgressCallback):  # progress goes through logging instead
+            trainer.remove_callback(cb)
+        result = trainer.train()
+    fit.seconds = fit.clock.elapsed()
+    fit.steps = int(result.global_step)
+    fit.mean_loss = float(result.training_loss)
+    if fit.stopped_by is None:
+        fit.stopped_by = "max_steps" if cfg.max_steps else "epochs"
+    window = fit.window(cfg.logging_steps)
+    if not fit.history or fit.history[-1][0] != fit.steps:
+        fit.history.append([fit.steps, round(sum(window) / max(1, len(window)), 4)])
+    return fit
+
+
+def _training_arguments(cfg: HelperConfig, scratch: str) -> Any:
+    import torch
+    from transformers import TrainingArguments
+
+    if cfg.max_steps:
+        max_steps, epochs = cfg.max_steps, 1.0
+    elif cfg.time_budget_minutes:
+        max_steps, epochs = 10**9, 1.0  # the callback stops it
+    else:
+        max_steps, epochs = -1, cfg.epochs
+    return TrainingArguments(
+        output_dir=scratch,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        max_steps=max_steps,
+        num_train_epochs=epochs,
+        logging_steps=cfg.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        torch_compile=cfg.torch_compile,
+    )
+
+
+def _budget_callback(cfg: HelperConfig, fit: _Fit) -> Any:
+    """Starts the clock, stops at the time budget, logs the mean loss of each logging window."""
+    from transformers import TrainerCallback
+
+    class Budget(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            fit.clock.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if cfg.time_budget_minutes and fit.clock.elapsed() >= cfg.time_budget_minutes * 60:
+                fit.stopped_by = "time_budget"
+                control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs or "loss" not in logs:
+                return
+            window = fit.losses[-args.logging_steps:] or [float(logs["loss"])]
+            loss = sum(window) / len(window)
+            fit.history.append([state.global_step, round(loss, 4)])
+            el = fit.clock.elapsed()
+            log.info("helper: step %d, loss %.3f, lr %.2e, %.0f tokens/s, %.0f s", state.global_step, loss,
+                     logs.get("learning_rate", float("nan")), fit.tokens_seen / max(el, 1e-9), el)
+
+    return Budget()
+
+
+def _trainer_class(cfg: HelperConfig, fit: _Fit) -> type:
+    """A ``Trainer`` with the helper's learning-rate schedule that records every training loss."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import Trainer
+
+    class HelperTrainer(Trainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            if self.lr_scheduler is None:
+                total = cfg.max_steps or (None if cfg.time_budget_minutes else num_training_steps)
+                self.lr_scheduler = LambdaLR(optimizer or self.optimizer,
+                                             lambda step: _lr_factor(step, cfg, total, fit.clock))
+            return self.lr_scheduler
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+            if model.training:
+                loss = result[0] if return_outputs else result
+                fit.losses.append(float(loss.detach()))
+                fit.tokens_seen += int(inputs["input_ids"].numel())
+            return result
+
+    return HelperTrainer
 
 
 class _Blocks:
@@ -462,18 +513,16 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--kind", choices=["model", "embeddings"], default="model",
                         help="model: tokenizer + small causal LM (default); embeddings: tokenizer + skip-gram "
-                             "token vectors, a helper space built in minutes (clp_transfer.helper_space)")
+                             "token vectors, a helper space built in minutes (clp_transfer.transfer.helper_space)")
     add_dataclass_arguments(parser, HelperConfig)
     group = parser.add_argument_group("--kind embeddings only")
     add_dataclass_arguments(group, SpaceConfig, skip=tuple(_fields(HelperConfig)))
-    parser.add_argument("--config", dest="config_file", default=None,
-                        help="YAML file with HelperConfig fields (flags given on the command line win)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
     from . import helper_space
 
-    given = set(vars(args)) - {"kind", "config_file"}
+    given = set(vars(args)) - {"kind", "config"}
     own, other = (_fields(helper_space.SpaceConfig), _fields(HelperConfig))
     if args.kind == "model":
         own, other = other, own
@@ -481,17 +530,8 @@ def cli_main(args: argparse.Namespace) -> int:
     if stray:
         raise ClpError(f"--{stray[0]} does not apply to --kind {args.kind}")
     if args.kind == "embeddings":
-        if getattr(args, "config_file", None):
-            raise ClpError("--config applies to --kind model only")
         return helper_space.cli_main(args)
-    cfg_file = getattr(args, "config_file", None)
-    if not cfg_file:
-        missing = [f"--{n}" for n in ("text", "output_dir") if not hasattr(args, n)]
-        if missing:
-            raise ClpError(f"missing required flags: {' '.join(missing)}")
-    try:
-        cfg = build_config(HelperConfig, args, cfg_file)
-    except TypeError as e:  # a required field missing from the YAML file as well
-        raise ClpError(f"incomplete configuration: {e}; pass --text and --output_dir") from None
+    require_flags(HelperConfig, args)
+    cfg = build_config(HelperConfig, args)
     train_helper(cfg)  # logs its one-paragraph summary to stderr
     return 0

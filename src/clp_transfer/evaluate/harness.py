@@ -2,7 +2,7 @@
 
 What the wrapper adds to the harness:
 
-- **safe loading**: the model is loaded by :mod:`clp_transfer.eval_loading` (safetensors only unless
+- **safe loading**: the model is loaded by :mod:`clp_transfer.models` (safetensors only unless
   ``allow_pickle``; remote code only when asked) and handed to the harness as an ``HFLM`` instance;
 - **presets**: ``german-2025`` is the German tasks upstream lm-eval 0.4.x ships (ARC, HellaSwag, MMLU,
   Global-MMLU, TruthfulQA, Belebele, XNLI, PAWS-X, LAMBADA; see :data:`GERMAN_2025_PRESET`), the choice with
@@ -42,11 +42,11 @@ from typing import Any, Iterator, Sequence
 
 import yaml
 
-from . import __version__
-from .atomic import atomic_write_json, atomic_write_text, check_output_path
-from .config import add_dataclass_arguments, build_config
-from .errors import ClpError, UnknownNameError
-from .registry import Registry
+from .. import __version__
+from ..atomic import atomic_write_json, atomic_write_text, check_output_path
+from ..config import add_dataclass_arguments, build_config, require_flags
+from ..errors import ClpError, UnknownNameError
+from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -495,30 +495,9 @@ def evaluate(
     version = lm_eval_version()
     t0 = time.perf_counter()
     with prepared_include_paths(includes) as inc:
-        # Index only the include paths when they cover every requested name (indexing the ~14k built-in
-        # tasks takes seconds); else, or when a local group refers to built-in tasks, index everything.
-        plan: TaskPlan | None = None
-        if inc:
-            tm = task_manager(inc, include_defaults=False)
-            with contextlib.suppress(UnknownNameError):
-                plan = plan_tasks(requested, tm.all_tasks, version)
-            if plan is not None and plan.unavailable and any(n in PRESETS for n in requested):
-                plan = None
-        full_index = plan is None
-        if plan is None:
-            tm = task_manager(inc, include_defaults=True)
-            plan = plan_tasks(requested, tm.all_tasks, version)
+        plan, tm, full_index = _index_tasks(requested, inc, version)
         lm_obj, name = _harness_model(model, tokenizer, batch_size, max_length, load_options)  # fail early
-        objects = load_task_objects(plan, tm)
-        if not full_index and any(_UNREGISTERED in why for why in plan.unavailable.values()):
-            tm = task_manager(inc, include_defaults=True)
-            plan = plan_tasks(requested, tm.all_tasks, version)
-            objects = load_task_objects(plan, tm)
-        for k, why in plan.unavailable.items():
-            plan.unavailable[k] = why.replace(_UNREGISTERED, "refers to a task lm-eval does not know: ")
-        if not objects:
-            details = "; ".join(f"{k}: {v}" for k, v in plan.unavailable.items())
-            raise ClpError(f"none of the requested tasks can be run ({details})")
+        plan, tm, objects = _load_tasks(plan, tm, full_index, requested, inc, version)
         from lm_eval import simple_evaluate
 
         int_limit = int(limit) if limit is not None and limit >= 1 else limit
@@ -551,6 +530,41 @@ def evaluate(
     return EvaluateResult(results, table, dict(plan.unavailable), out_dir)
 
 
+def _index_tasks(requested: list[str], inc: list[str], version: str) -> tuple[TaskPlan, Any, bool]:
+    """The task plan and the task manager it was made with, and whether that indexed the built-in tasks.
+
+    Only the include paths are indexed when they cover every requested name (indexing the ~14k built-in
+    tasks takes seconds); else, or for a preset with tasks the include paths lack, everything is."""
+    plan: TaskPlan | None = None
+    if inc:
+        tm = task_manager(inc, include_defaults=False)
+        with contextlib.suppress(UnknownNameError):
+            plan = plan_tasks(requested, tm.all_tasks, version)
+        if plan is not None and plan.unavailable and any(n in PRESETS for n in requested):
+            plan = None
+    if plan is not None:
+        return plan, tm, False
+    tm = task_manager(inc, include_defaults=True)
+    return plan_tasks(requested, tm.all_tasks, version), tm, True
+
+
+def _load_tasks(plan: TaskPlan, tm: Any, full_index: bool, requested: list[str], inc: list[str],
+                version: str) -> tuple[TaskPlan, Any, Any]:
+    """The harness's task objects of ``plan``; indexes the built-in tasks after all when a local group refers
+    to one of them. Refuses a plan of which no task can run."""
+    objects = load_task_objects(plan, tm)
+    if not full_index and any(_UNREGISTERED in why for why in plan.unavailable.values()):
+        tm = task_manager(inc, include_defaults=True)
+        plan = plan_tasks(requested, tm.all_tasks, version)
+        objects = load_task_objects(plan, tm)
+    for k, why in plan.unavailable.items():
+        plan.unavailable[k] = why.replace(_UNREGISTERED, "refers to a task lm-eval does not know: ")
+    if not objects:
+        details = "; ".join(f"{k}: {v}" for k, v in plan.unavailable.items())
+        raise ClpError(f"none of the requested tasks can be run ({details})")
+    return plan, tm, objects
+
+
 def _plain(obj: Any) -> Any:
     """JSON-safe copy of the harness's results (callables and dtypes become strings)."""
     if isinstance(obj, dict):
@@ -572,7 +586,7 @@ def _harness_model(model: Any, tokenizer: Any, batch_size: int, max_length: int 
     if isinstance(model, HFLM):
         return model, str(getattr(model, "pretrained", "model"))
     if isinstance(model, (str, os.PathLike)):
-        from .eval_loading import load_for_eval
+        from ..models import load_for_eval
 
         loaded = load_for_eval(model, tokenizer=tokenizer, **load_options)
         lm, tok, name = loaded.model, loaded.tokenizer, loaded.name
@@ -611,7 +625,6 @@ def run_evaluate(cfg: EvaluateConfig) -> EvaluateResult:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(parser, EvaluateConfig)
-    parser.add_argument("--config", help="YAML file with the fields above (flags override it)")
     parser.add_argument("--list-presets", action="store_true", help="show the task presets and exit")
 
 
@@ -622,10 +635,8 @@ def cli_main(args: argparse.Namespace) -> int:
         return 0
     if getattr(args, "offline", False):
         go_offline()  # before transformers/datasets are imported
-    cfg = build_config(EvaluateConfig, args, getattr(args, "config", None)) if (
-        hasattr(args, "model") or getattr(args, "config", None)) else None
-    if cfg is None:
-        raise ClpError("missing required flag: --model")
+    require_flags(EvaluateConfig, args)
+    cfg = build_config(EvaluateConfig, args)
     if not cfg.tasks:
         raise ClpError("missing required flag: --tasks (task names or a preset: " + ", ".join(PRESETS) + ")")
     result = run_evaluate(cfg)

@@ -4,7 +4,7 @@ CLP uses its helper model for one thing only: cosine similarities between target
 such a space directly from target-language text, the way FOCUS and WECHSEL build theirs, in a CPU-time budget
 of minutes instead of the ~20 CPU-minutes a useful helper LM needs:
 
-1. read documents (:func:`clp_transfer.helper.read_documents`) and load the target tokenizer, or train one
+1. read documents (:func:`clp_transfer.transfer.helper.read_documents`) and load the target tokenizer, or train one
    on the text (:func:`clp_transfer.tiny.train_tokenizer`, as ``clp-transfer helper`` does);
 2. tokenize the text; every target token id becomes a "word" of a skip-gram model (word2vec with negative
    sampling, gensim) trained over the token sequences - no subword n-grams: the target tokens already are
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-from .atomic import atomic_directory, check_output_path
-from .errors import ClpError
+from ..atomic import atomic_directory, check_output_path
+from ..errors import ClpError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SpaceConfig:
 
 @dataclass
 class HelperSpace:
-    """A loaded helper space: what :func:`clp_transfer.transfer.transfer` needs from a helper."""
+    """A loaded helper space: what :func:`clp_transfer.transfer.pipeline.transfer` needs from a helper."""
 
     path: Path
     """The helper directory (gone already for a space built on the fly by ``transfer --helper_text``)."""
@@ -138,7 +138,7 @@ def _ordinary_ids(vocab) -> list[int]:
 
 def _target_tokenizer(cfg: SpaceConfig, docs: list[str]) -> tuple[Any, dict[str, Any]]:
     """Load the given tokenizer, or train one on ``docs``; refuse one without ordinary tokens."""
-    from .modeling import load_tokenizer
+    from ..models import load_tokenizer
     from .tokens import VocabInfo
 
     t = time.perf_counter()
@@ -146,7 +146,7 @@ def _target_tokenizer(cfg: SpaceConfig, docs: list[str]) -> tuple[Any, dict[str,
         tok = load_tokenizer(cfg.tokenizer, what="target tokenizer")
         info: dict[str, Any] = {"origin": cfg.tokenizer, "trained": False}
     else:
-        from .tiny import train_tokenizer
+        from ..tiny import train_tokenizer
 
         tok = train_tokenizer(docs, cfg.vocab_size, cfg.tokenizer_kind, min_frequency=cfg.min_frequency)
         if len(tok) > cfg.vocab_size:
@@ -313,8 +313,8 @@ def fill_unseen(vectors, known, vocab) -> tuple[Any, dict[str, int]]:
     """Give every token without a trained vector the mean vector of its pieces, or zero.
 
     ``vectors`` [V_t, dim] float; ``known`` [V_t] bool: rows trained on enough occurrences; ``vocab`` the
-    target :class:`~clp_transfer.tokens.VocabInfo` (its special tokens always count as unknown). A token's pieces are the fewest *known* target tokens
-    that spell its bytes (:func:`clp_transfer.tokens.decompose` against the vocabulary of known tokens, so
+    target :class:`~clp_transfer.transfer.tokens.VocabInfo` (its special tokens always count as unknown). A token's pieces are the fewest *known* target tokens
+    that spell its bytes (:func:`clp_transfer.transfer.tokens.decompose` against the vocabulary of known tokens, so
     the word-start space stays on the first piece); bytes no known token covers are skipped. Unknown tokens
     with no pieces - special tokens, bytes absent from the text - get the zero vector: cosine 0 with every
     token, so CLP's sparse weights never pick them and a new token with it gets the mean of the shared rows.
@@ -431,7 +431,7 @@ def load_helper_space(path: str | os.PathLike) -> HelperSpace:
     """Read a helper directory: vectors [V_t, dim], target tokenizer and report."""
     from safetensors import safe_open
 
-    from .modeling import load_tokenizer
+    from ..models import load_tokenizer
 
     p = Path(path).expanduser()
     if not is_helper_space(p):
@@ -463,12 +463,12 @@ def space_from_text(text: list[str], tokenizer: str | None = None, cpu_minutes: 
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    """``clp-transfer helper --kind embeddings``: the flags of :class:`SpaceConfig` (see clp_transfer.helper)."""
-    from .config import from_dict
+    """``clp-transfer helper --kind embeddings``: the flags of :class:`SpaceConfig` (see clp_transfer.transfer.helper)."""
+    from ..config import from_dict
 
     names = {f.name for f in dataclasses.fields(SpaceConfig)}
-    missing = [f"--{n}" for n in ("text", "output_dir") if not hasattr(args, n)]
-    if missing:
-        raise ClpError(f"missing required flags: {' '.join(missing)}")
+    from ..config import require_flags
+
+    require_flags(SpaceConfig, args)
     build_helper_space(from_dict(SpaceConfig, {k: v for k, v in vars(args).items() if k in names}, where="flags"))
     return 0

@@ -32,6 +32,9 @@ class Phase:
     """Linear warm-up from 0 to the peak over this many steps."""
     min_ratio: float
     """End of the cosine as a fraction of the peak."""
+    tunes_embeddings: bool = False
+    """What the phase trains: True for phase 1, in which the embedding rows learn at their own rate (and the
+    body only without ``--embedding_freeze_body``); False for full training."""
 
     @property
     def end(self) -> int:
@@ -73,7 +76,7 @@ def plan_phases(
     if n1:
         wr = warmup_ratio if embedding_warmup_ratio is None else embedding_warmup_ratio
         phases.append(Phase("embedding-tuning", 0, n1, embedding_batch_size or batch_size,
-                            embedding_schedule or schedule, int(wr * n1), min_ratio))
+                            embedding_schedule or schedule, int(wr * n1), min_ratio, tunes_embeddings=True))
     n2 = total_steps - n1
     if n2:
         warm = int(warmup_ratio * n2) if warmup_steps is None else min(warmup_steps, n2 - 1)
