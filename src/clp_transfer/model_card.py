@@ -24,7 +24,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -410,22 +410,17 @@ i.e. {_fmt(bpb)} bits per byte **of its training text** (not held out). Held-out
                     "tags": [TAG, "clp-transfer-helper"]}, body)
 
 
-def _extend_card(directory: Path, **facts: Any) -> str:
-    """The card of a ``transfer --mode extend`` output (built in :mod:`clp_transfer.vocab_extend`)."""
-    from .vocab_extend import extend_card
-
-    return extend_card(directory, **facts)
-
-
-def write_model_card(directory: str | Path, kind: str, **facts: Any) -> Path | None:
+def write_model_card(directory: str | Path, kind: str, builder: Callable[..., str] | None = None,
+                     **facts: Any) -> Path | None:
     """Write ``README.md`` (a hub model card) into a model directory the tool has written.
 
-    ``kind`` is ``"transfer"`` or ``"extend"`` (``facts``: ``source_dir``, ``helper_dir``), ``"train"``
-    (``run_dir``) or ``"helper"``. A card that cannot be built is logged and skipped: the model and its JSON records are
+    ``kind`` is ``"transfer"`` (``facts``: ``source_dir``, ``helper_dir``), ``"train"`` (``run_dir``) or
+    ``"helper"``; a stage with a card of its own passes its ``builder(directory, **facts) -> str`` (extend mode
+    does, so this shared module never imports a stage). A card that cannot be built is logged and skipped: the model and its JSON records are
     what matters, and they are already written.
     """
     directory = Path(directory)
-    builder = {"transfer": transfer_card, "train": train_card, "helper": helper_card, "extend": _extend_card}[kind]
+    builder = builder or {"transfer": transfer_card, "train": train_card, "helper": helper_card}[kind]
     try:
         text = builder(directory, **facts)
     except Exception as e:

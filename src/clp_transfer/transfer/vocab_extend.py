@@ -675,22 +675,10 @@ Bits per byte: not measured by `transfer`. Measure them on held-out text of both
                        "pipeline_tag": "text-generation", "base_model": source.hub_id, "tags": tags}, body)
 
 
-def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckpt: Any, keys: Any, e_s: Any,
-               o_s: Any, e_h: Any, timings: dict[str, float], t0: float) -> Any:
-    """``--mode extend`` of :func:`clp_transfer.transfer.pipeline.run_transfer`, from the point where the embedding
-    matrices are read: merge the tokenizers, make the new rows, write the model. Returns a TransferResult."""
-    import time
+def _check_extend_flags(cfg: Any, params: dict[str, Any]) -> None:
+    """Refuse the replace-mode options that make no sense when every source row keeps its place."""
+    from .methods import method_params
 
-    import torch
-
-    from .. import __version__
-    from ..atomic import atomic_directory
-    from .methods import METHODS, EmbeddingSolution, method_params
-    from .pipeline import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
-                           parse_params, write_transfer_report)
-
-    spec = METHODS.get(cfg.method)
-    params = parse_params(cfg.params)
     if "calibrate_shared" in params and method_params(cfg.method, {"calibrate_shared": params["calibrate_shared"]})[
             "calibrate_shared"]:
         raise ClpError("extend mode keeps the source rows bit-for-bit and calibrates only the new rows: drop "
@@ -698,7 +686,11 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
     if not cfg.transfer_untied_head:
         raise ClpError("--no-transfer_untied_head is a replace-mode ablation; in extend mode every source row "
                        "keeps its position anyway")
-    t = time.perf_counter()
+
+
+def _merge_tokenizers(cfg: Any, src_tok: Any, tgt_tok: Any) -> tuple[ExtendedVocab, dict[str, Any] | None]:
+    """The extension of the source vocabulary: every helper token it lacks, or, with ``--keep_text``, those
+    that do not fire on the source-language keep text (and the record of that filter)."""
     s_spec, t_spec = tokenizer_spec(src_tok, "source model"), tokenizer_spec(tgt_tok, "helper model")
     keep_record: dict[str, Any] | None = None
     if cfg.keep_text:
@@ -715,51 +707,46 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         ext = extend_vocabulary(s_spec, t_spec)
     if not ext.new_tokens:
         raise ClpError("the helper's tokenizer has no token the source lacks: there is nothing to extend")
-    work = tempfile.TemporaryDirectory(prefix="clp-extend-")
-    ext_tok = build_extended_tokenizer(src_tok, ext, work.name)
-    v_s, v_ext = ext.first_new_id, ext.first_new_id + len(ext.new_tokens)
-    if v_s > e_s.shape[0]:
-        raise ClpError(f"the source tokenizer's ids reach {v_s - 1} but its embeddings have {e_s.shape[0]} rows")
-    timings["merge_tokenizers_s"] = time.perf_counter() - t
+    return ext, keep_record
 
-    t = time.perf_counter()
-    new_in, new_out, stats, matching = _replace_view_rows(cfg, params, src_tok, tgt_tok, e_s, o_s, e_h,
-                                                          ext.target_ids)
-    rows, multiple = padded_rows(v_ext, e_s.shape[0], v_s, cfg.pad_to_multiple_of)
-    inp = _assemble(e_s, new_in, rows, v_s)
-    out = _assemble(o_s, new_out, rows, v_s) if o_s is not None else None
-    timings["compute_s"] = time.perf_counter() - t
-    full_params = method_params(cfg.method, params)
-    calibration: dict[str, Any] | None = None
-    if cfg.keep_text and cfg.new_token_guard and not (spec.wants_calibration(full_params) and cfg.calibration_text):
+
+def _calibrate_if_asked(cfg: Any, spec: Any, full_params: dict[str, Any], src_path: Path, ext_tok: Any, inp: Any,
+                        out: Any, new_ids: list[int], timings: dict[str, float]) -> tuple[Any, Any, dict | None]:
+    """The output calibration of the new rows when the method wants it and text is given (the guard and the
+    logit offset ride on it). Sets ``calibrate_shared`` to False in ``full_params``: source rows never move."""
+    import time
+
+    calibrating = spec.wants_calibration(full_params)
+    if cfg.keep_text and cfg.new_token_guard and not (calibrating and cfg.calibration_text):
         # The guard contrasts keep-text with calibration-text hidden states; it is on by default, so without
         # the calibration it is skipped rather than refused.
         log.warning("--new_token_guard needs the output calibration (a calibrating method such as clp and "
                     "--calibration_text): guard skipped, the new rows may take probability in keep-text contexts")
-    if cfg.new_token_logit_offset and not (spec.wants_calibration(full_params) and cfg.calibration_text):
+    if cfg.new_token_logit_offset and not (calibrating and cfg.calibration_text):
         raise ClpError("--new_token_logit_offset needs the output calibration (a calibrating method such as clp "
                        "and --calibration_text): the offset is measured on the calibration text's hidden states")
-    if spec.wants_calibration(full_params):
-        if cfg.calibration_text is None:
-            log.warning("method %r calibrates the new output rows to target-text token frequencies, but no "
-                        "--calibration_text was given: calibration skipped", cfg.method)
-            calibration = {"applied": False, "skipped": "no calibration text was given"}
-        else:
-            t = time.perf_counter()
-            inp, out, calibration = _calibrate_new_rows(cfg, src.path, ext_tok, inp, out, ext.new_ids,
-                                                        float(full_params["calibrate"]))
-            timings["calibration_s"] = time.perf_counter() - t
-        full_params["calibrate_shared"] = False
-    if not torch.isfinite(inp).all() or (out is not None and not torch.isfinite(out).all()):
-        raise ClpError(f"method {cfg.method!r} produced non-finite embeddings")
-    new_stats = {k: v for k, v in stats.items() if k not in ("params", "method", "calibration")}
-    new_stats.update(shared=v_s, missing=len(ext.new_tokens), target_vocab_size=v_ext, target_rows=rows)
-    if calibration is not None:
-        new_stats["calibration"] = calibration
-    solution = EmbeddingSolution(inp, out, new_stats)
-    source_id = torch.cat([torch.arange(v_s), torch.full((v_ext - v_s,), -1)])
+    if not calibrating:
+        return inp, out, None
+    full_params["calibrate_shared"] = False
+    if cfg.calibration_text is None:
+        log.warning("method %r calibrates the new output rows to target-text token frequencies, but no "
+                    "--calibration_text was given: calibration skipped", cfg.method)
+        return inp, out, {"applied": False, "skipped": "no calibration text was given"}
+    t = time.perf_counter()
+    inp, out, calibration = _calibrate_new_rows(cfg, src_path, ext_tok, inp, out, new_ids,
+                                                float(full_params["calibrate"]))
+    timings["calibration_s"] = time.perf_counter() - t
+    return inp, out, calibration
 
-    report: dict[str, Any] = {
+
+def _extend_report(cfg: Any, src: Any, hlp: Any, tgt_tok: Any, keys: Any, e_s: Any, ext: ExtendedVocab,
+                   keep_record: dict[str, Any] | None, rows: int, multiple: int, full_params: dict[str, Any],
+                   matching: dict[str, Any], new_stats: dict[str, Any]) -> dict[str, Any]:
+    """``transfer_report.json`` of an extended model (before timings)."""
+    from .. import __version__
+
+    v_s, v_ext = ext.first_new_id, ext.first_new_id + len(ext.new_tokens)
+    return {
         "clp_transfer_version": __version__,
         "mode": "extend",
         "source": {"origin": src.origin, "kind": src.kind, "vocab_size": v_s, "embedding_rows": e_s.shape[0],
@@ -781,6 +768,54 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         "new_token_ids": ext.new_ids,
         "new_token_helper_ids": ext.target_ids,
     }
+
+
+def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckpt: Any, keys: Any, e_s: Any,
+               o_s: Any, e_h: Any, timings: dict[str, float], t0: float) -> Any:
+    """``--mode extend`` of :func:`clp_transfer.transfer.pipeline.run_transfer`, from the point where the embedding
+    matrices are read: merge the tokenizers, make the new rows, write the model. Returns a TransferResult."""
+    import time
+
+    import torch
+
+    from ..atomic import atomic_directory
+    from ..model_card import write_model_card
+    from .methods import METHODS, EmbeddingSolution, method_params
+    from .pipeline import (TransferResult, _write_checkpoint, fit_to_source_context, padded_rows,
+                           parse_params, write_transfer_report)
+
+    spec = METHODS.get(cfg.method)
+    params = parse_params(cfg.params)
+    _check_extend_flags(cfg, params)
+    t = time.perf_counter()
+    ext, keep_record = _merge_tokenizers(cfg, src_tok, tgt_tok)
+    work = tempfile.TemporaryDirectory(prefix="clp-extend-")
+    ext_tok = build_extended_tokenizer(src_tok, ext, work.name)
+    v_s, v_ext = ext.first_new_id, ext.first_new_id + len(ext.new_tokens)
+    if v_s > e_s.shape[0]:
+        raise ClpError(f"the source tokenizer's ids reach {v_s - 1} but its embeddings have {e_s.shape[0]} rows")
+    timings["merge_tokenizers_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    new_in, new_out, stats, matching = _replace_view_rows(cfg, params, src_tok, tgt_tok, e_s, o_s, e_h,
+                                                          ext.target_ids)
+    rows, multiple = padded_rows(v_ext, e_s.shape[0], v_s, cfg.pad_to_multiple_of)
+    inp = _assemble(e_s, new_in, rows, v_s)  # [rows, d]: source rows bit-for-bit, then the new rows
+    out = _assemble(o_s, new_out, rows, v_s) if o_s is not None else None
+    timings["compute_s"] = time.perf_counter() - t
+    full_params = method_params(cfg.method, params)
+    inp, out, calibration = _calibrate_if_asked(cfg, spec, full_params, src.path, ext_tok, inp, out, ext.new_ids,
+                                                timings)
+    if not torch.isfinite(inp).all() or (out is not None and not torch.isfinite(out).all()):
+        raise ClpError(f"method {cfg.method!r} produced non-finite embeddings")
+    new_stats = {k: v for k, v in stats.items() if k not in ("params", "method", "calibration")}
+    new_stats.update(shared=v_s, missing=len(ext.new_tokens), target_vocab_size=v_ext, target_rows=rows)
+    if calibration is not None:
+        new_stats["calibration"] = calibration
+    solution = EmbeddingSolution(inp, out, new_stats)
+    source_id = torch.cat([torch.arange(v_s), torch.full((v_ext - v_s,), -1)])
+    report = _extend_report(cfg, src, hlp, tgt_tok, keys, e_s, ext, keep_record, rows, multiple, full_params,
+                            matching, new_stats)
     t = time.perf_counter()
     out_path = Path(cfg.output)
     with atomic_directory(out_path, overwrite=cfg.overwrite) as tmp:
@@ -789,9 +824,7 @@ def run_extend(cfg: Any, src: Any, hlp: Any, src_tok: Any, tgt_tok: Any, src_ckp
         fit_to_source_context(ext_tok, src.path, cfg.trust_remote_code)
         ext_tok.save_pretrained(tmp)
         write_transfer_report(tmp, report, timings, t, t0)
-        from ..model_card import write_model_card  # README.md, as replace mode writes one
-
-        write_model_card(tmp, "extend", source_dir=src.path, helper_dir=hlp.path)
+        write_model_card(tmp, "extend", builder=extend_card, source_dir=src.path, helper_dir=hlp.path)  # README.md
     work.cleanup()
     log.info("Extended %s by %d tokens of %s's vocabulary (%s) with method %s: ids 0-%d keep their rows, "
              "new ids %d-%d; %d rows (%s). Took %.1f s. Wrote %s.", src.origin, len(ext.new_tokens),
