@@ -130,7 +130,8 @@ def test_transfer_without_a_helper_model_end_to_end(tmp_path, model_factory, fix
     tok = AutoTokenizer.from_pretrained(res.path)
     assert model.get_input_embeddings().weight.shape[0] == len(tok) > 200  # a 16k BPE trained on 3 KB of text
     assert res.report["helper"]["kind"] == "helper_space" and res.report["helper"]["space"]["vectors"]["trained"] > 0
-    assert res.report["new_rows"]["calibration"] is not None
+    auto = res.report["new_rows"]["auto"]  # the default measured its candidates on the text
+    assert res.report["method"] == "auto" and any(c.get("scores") for c in auto["candidates"])
     ids = tok("Die Stadt liegt am Fluss", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits).all()
 

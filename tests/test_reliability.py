@@ -575,10 +575,14 @@ def test_a_source_deleted_while_it_is_read(tmp_path, pair, capsys, monkeypatch):
     ("pieces_weight=2", "pieces_weight must lie in [0, 1]"),
     ("calibrate=-1", "calibrate must be >= 0"),
     ("weighting=softmax", "weighting must be one of"),
+    ("auto:margin=-1", "margin must be >= 0"),
+    ("auto:check_tokens=0", "check_tokens must be >= 1"),
+    ("auto:pieces_weights=a,b", "pieces_weights takes comma-separated numbers"),
 ])
 def test_method_parameters_are_checked_before_any_work(tmp_path, pair, capsys, param, needle):
+    method, _, param = param.rpartition(":")
     assert cli(["transfer", "--source", pair[0], "--helper", pair[1], "--output", str(tmp_path / "out"),
-                "--params", param]) == 2
+                "--method", method or "clp", "--params", param]) == 2
     one_clear_line(capsys.readouterr().err, needle)
     assert list(tmp_path.iterdir()) == []
 

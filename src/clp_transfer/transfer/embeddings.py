@@ -48,7 +48,9 @@ class CalibrationStats:
 
 Calibration = Union[CalibrationStats, Callable[[torch.Tensor], Any]]
 """Calibration statistics, or a function of the uncalibrated input rows [R, d] that returns them (as
-:class:`CalibrationStats` or a ``(hidden, counts)`` pair): the hidden states depend on those rows."""
+:class:`CalibrationStats` or a ``(hidden, counts)`` pair): the hidden states depend on those rows. Method
+``auto`` needs a :class:`~clp_transfer.transfer.calibration.TargetText` (which is such a function and also
+scores candidates on held-out documents)."""
 
 
 @dataclass
@@ -198,6 +200,16 @@ def solve(task: TransferProblem, seed: int = 0, calibration: Calibration | None 
     asks for it (``calibrate > 0``) and there are new tokens."""
     timings = {} if timings is None else timings
     t = time.perf_counter()
+    if task.method == "auto":
+        from .auto import choose
+
+        probe = calibration if hasattr(calibration, "bits_per_byte") else None
+        if calibration is not None and probe is None:
+            log.warning("method auto was given calibration statistics but no way to score candidates (pass a "
+                        "TargetText): using the fallback rows")
+        solution = choose(task.problem, task.params, probe, seed)
+        timings["compute_s"] = time.perf_counter() - t
+        return solution
     solution = compute_target_embeddings(task.problem, task.method, task.params, seed=seed)
     timings["compute_s"] = time.perf_counter() - t
     if not (METHODS.get(task.method).wants_calibration(task.params) and task.match.missing_ids):
@@ -241,7 +253,10 @@ def transfer_embeddings(
         source_tokenizer: the source vocabulary (tokenizer, ``{token: id}`` dict or VocabInfo).
         target_tokenizer: the target vocabulary, i.e. the helper's tokenizer.
         source_output: O_s [V_s, d] for a model with an untied output head, else ``None``.
-        method: a registered method (``clp`` by default; see ``clp-transfer transfer --list-methods``).
+        method: a registered method (``clp`` by default on tensors; see ``clp-transfer transfer --list-methods``).
+            ``auto``, the default of ``clp-transfer transfer``, measures its candidates on target text, so it
+            needs ``calibration`` to be a :class:`~clp_transfer.transfer.calibration.TargetText` (source model
+            directory + text); without one it uses its fallback rows.
         params: method parameters overriding its defaults, e.g. ``{"top_k": 20}``.
         seed: seed of the method's private random generator (the global RNG is not touched).
         canonical_matching: match tokens by canonical bytes across tokenizer families.

@@ -323,18 +323,30 @@ def clp(
     """
     if not 0 <= pieces_weight <= 1:
         raise ClpError("pieces_weight must lie in [0, 1]")
-    missing = problem.missing.tolist()
     if pieces_weight > 0 and problem.pieces is None:
         raise ClpError("clp with pieces_weight > 0 needs the decomposition of target tokens into source pieces")
-    has_pieces = torch.tensor([bool(problem.pieces and problem.pieces[t]) for t in missing], dtype=torch.float32)
-    w = (pieces_weight * has_pieces)[:, None]  # [|M|, 1]
-    info: dict[str, Any] = {"no_pieces": int((has_pieces == 0).sum())}
-    if bool((w == 1).all()):  # the similarity part has no weight anywhere: skip the cosines
+    has_pieces = _has_pieces(problem)
+    if bool((pieces_weight * has_pieces == 1).all()):  # the similarity part has no weight anywhere: skip the cosines
         return fvt(problem, generator)
     sim = similarity_rows(problem, weighting, top_k, temperature, rescale_norms, center)
-    if bool((w == 0).all()):
+    pie = fvt(problem, generator) if pieces_weight > 0 else None
+    return mix_pieces(problem, sim, pie, pieces_weight)
+
+
+def _has_pieces(problem: EmbeddingProblem) -> torch.Tensor:
+    """[|M|] 1.0 where the source vocabulary spells the new token (it has pieces), else 0.0."""
+    return torch.tensor([bool(problem.pieces and problem.pieces[t]) for t in problem.missing.tolist()],
+                        dtype=torch.float32)
+
+
+def mix_pieces(problem: EmbeddingProblem, sim: NewRows, pie: NewRows | None, pieces_weight: float) -> NewRows:
+    """``pieces_weight`` · FVT rows ``pie`` + (1 - ``pieces_weight``) · similarity rows ``sim`` ([|M|, d] each);
+    a token without source pieces keeps its similarity row whatever the weight (clp's rule)."""
+    has_pieces = _has_pieces(problem)
+    info: dict[str, Any] = {"no_pieces": int((has_pieces == 0).sum())}
+    w = (pieces_weight * has_pieces)[:, None]  # [|M|, 1]
+    if pie is None or bool((w == 0).all()):
         return NewRows(sim.input, sim.output, {**sim.info, **info})
-    pie = fvt(problem, generator)
 
     def mix(x, y):
         return None if x is None else w * x + (1 - w) * y
@@ -747,6 +759,19 @@ def omp(problem: EmbeddingProblem, generator: torch.Generator | None = None, k: 
     return NewRows(new_in, new_out, info)
 
 
+@register("auto", "the default: measures instead of assuming - builds candidate rows (clp's similarity rows, the "
+          "source's own pieces (FVT) and mixes of both, omp; each uncalibrated and calibrated) and keeps the one "
+          "with the lowest bits per byte on held-out documents of the target text (clp_transfer.transfer.auto); "
+          "without text, half FVT half clp, uncalibrated", needs_helper=True, needs_pieces=True,
+          pieces_weights="0,0.5,1", calibrate_strengths="0,1", omp_k=8, screen_tokens=512, check_tokens=2048,
+          fit_positions=1024, margin=0.05)
+def auto_fallback(problem: EmbeddingProblem, generator: torch.Generator | None = None, **_: Any) -> NewRows:
+    """Called directly (no target text to measure on): the fallback rows, half FVT half similarity rows
+    (:data:`clp_transfer.transfer.auto.FALLBACK`); :func:`clp_transfer.transfer.embeddings.solve` runs the
+    measured choice instead when it has target text."""
+    return clp(problem, generator, pieces_weight=0.5)
+
+
 # --------------------------------------------------------------------------------------------- calibration
 
 CALIBRATION_PARAMS = ("calibrate", "calibrate_shared")
@@ -854,14 +879,38 @@ PARAM_RULES: dict[str, ParamRange | tuple[str, ...]] = {
     "calibrate": ParamRange(0),
     "ridge": ParamRange(0),
     "std": ParamRange(0, low_open=True),
+    "omp_k": ParamRange(0),
+    "screen_tokens": ParamRange(1),
+    "check_tokens": ParamRange(1),
+    "fit_positions": ParamRange(1),
+    "margin": ParamRange(0),
     "weighting": ("topk_softmax", "topk_uniform", "sparsemax"),
     "init": ("small_init", "xavier_normal", "normal"),
 }
 
 
+NUMBER_LISTS: dict[str, ParamRange] = {"pieces_weights": ParamRange(0, 1), "calibrate_strengths": ParamRange(0)}
+"""Parameters that are comma-separated lists of numbers (``auto``'s candidate grid), and each number's range."""
+
+
+def _check_number_list(method: str, name: str, value: Any) -> None:
+    rule = NUMBER_LISTS[name]
+    try:
+        numbers = [float(v) for v in str(value).replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise ClpError(f"method {method!r}: {name} takes comma-separated numbers, e.g. 0,0.5,1; not {value!r}") from None
+    if not numbers:
+        raise ClpError(f"method {method!r}: {name} needs at least one number")
+    for v in numbers:
+        if not math.isfinite(v) or not rule.holds(v):
+            raise ClpError(f"method {method!r}: each of {name} must {rule.describe()}, not {v:g}")
+
+
 def check_param(method: str, name: str, value: Any) -> None:
     """Raise :class:`ClpError` for a parameter value that is not finite or outside :data:`PARAM_RULES`."""
     rule = PARAM_RULES.get(name)
+    if name in NUMBER_LISTS:
+        return _check_number_list(method, name, value)
     if isinstance(value, bool):
         return
     if isinstance(value, (int, float)):
@@ -920,11 +969,24 @@ def compute_target_embeddings(
             "the source and target vocabularies share no token, so nothing anchors the new embeddings; "
             "check that the helper is a model of a related script and tokenizer family"
         )
-    dtype, d = problem.source_input.dtype, problem.source_input.shape[1]
-    v_t = problem.source_id.shape[0]
+    d = problem.source_input.shape[1]
     # A private generator: the global RNG state neither influences nor is influenced by the transfer.
     gen = torch.Generator().manual_seed(seed)
     rows = spec.fn(problem, generator=gen, **kwargs) if len(missing) else NewRows(torch.empty(0, d))
+    solution = assemble_solution(problem, method, all_params, rows)
+    if strength > 0:
+        return calibrate_solution(problem, solution)
+    if solution.output is not None and len(missing):
+        solution.stats.update(_norm_stats(problem, solution.input, solution.output))
+    return solution
+
+
+def assemble_solution(problem: EmbeddingProblem, method: str, all_params: dict[str, Any], rows: NewRows) -> EmbeddingSolution:
+    """The full matrices from a method's new rows: shared rows copied from the source, the new ones from
+    ``rows``, padding rows the mean of the source's padding rows (or zeros); uncalibrated, in the source dtype."""
+    shared, missing = problem.shared, problem.missing
+    dtype, d = problem.source_input.dtype, problem.source_input.shape[1]
+    v_t = problem.source_id.shape[0]
 
     def assemble(source: torch.Tensor, new: torch.Tensor | None) -> torch.Tensor:
         out = torch.zeros(problem.target_rows, d, dtype=torch.float32)
@@ -948,12 +1010,7 @@ def compute_target_embeddings(
         **_norm_stats(problem, target_in, None),
         **rows.info,
     }
-    solution = EmbeddingSolution(target_in, target_out, stats)
-    if strength > 0:
-        return calibrate_solution(problem, solution)
-    if target_out is not None and len(missing):
-        stats.update(_norm_stats(problem, target_in, target_out))
-    return solution
+    return EmbeddingSolution(target_in, target_out, stats)
 
 
 def _check_finite(method: str, target_in: torch.Tensor, target_out: torch.Tensor | None) -> None:

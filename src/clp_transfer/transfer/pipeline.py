@@ -19,6 +19,7 @@ the target model once, which loads the whole source model in float32.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import platform
@@ -34,14 +35,14 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..atomic import atomic_directory, check_disjoint, check_output_path, claim_output
-from .calibration import calibration_statistics
+from .calibration import TargetText, calibration_statistics  # noqa: F401 (vocab_extend imports it from here)
 from .chat import ChatPlan, apply_chat_tokenizer, plan_chat, set_chat_rows, update_chat_configs
 from .chat import summary as chat_summary
 from ..config import add_dataclass_arguments, build_config, require_flags, text_flag
 from ..errors import ClpError
 from .embeddings import TransferredEmbeddings, match_tokens, transfer_embeddings
 from .embeddings import padded_rows  # noqa: F401 (vocab_extend imports it from here)
-from .methods import METHODS, EmbeddingSolution
+from .methods import METHODS, EmbeddingSolution, method_params
 from ..models import (
     WEIGHTS_INDEX,
     EmbeddingKeys,
@@ -79,8 +80,10 @@ class TransferConfig:
     """With --helper_text: CPU-time budget of building the space (default 3)."""
     helper_tokenizer: str | None = None
     """Tokenizer of the helper when it is not stored with the helper model."""
-    method: str = "clp"
-    """Initialisation of the new tokens' rows (see `clp-transfer transfer --list-methods`)."""
+    method: str = "auto"
+    """Initialisation of the new tokens' rows (see `clp-transfer transfer --list-methods`). The default, auto,
+    chooses among clp, fvt, their mix and omp, calibrated or not, by bits per byte on held-out documents of
+    --text; without text it uses half FVT, half clp rows."""
     mode: Literal["replace", "extend"] = "replace"
     """replace: the helper's tokenizer becomes the target's (CLP). extend: keep the source tokenizer, its ids
     and rows, and add the helper's tokens it lacks as real vocabulary after them (same family only)."""
@@ -113,9 +116,10 @@ class TransferConfig:
     pad_to_multiple_of: int | None = None
     """Pad the target vocabulary rows to a multiple of this (default: as the source, when it was padded)."""
     calibration_text: str | None = None
-    """Target-language text (.txt: a document per line; .jsonl: a "text" field; .gz allowed) for methods with
-    calibrate > 0, such as the default clp: target-token counts and one forward pass of the target model
-    (loads the whole source model). Without it the calibration is skipped with a warning."""
+    """Target-language text (.txt: a document per line; .jsonl: a "text" field; .gz allowed) for the default
+    method auto (it scores its candidates on held-out documents of it) and for methods with calibrate > 0,
+    such as clp: target-token counts and forward passes of the target model (loads the whole source model).
+    Without it auto falls back to fixed rows and the calibration is skipped, with a warning."""
     calibration_tokens: int = 4096
     """Positions of calibration text the target model is run on (hidden states for the calibration)."""
     calibration_count_bytes: int = 16_000_000
@@ -213,7 +217,7 @@ def transfer(
     source: str,
     helper: str | None,
     output: str,
-    method: str = "clp",
+    method: str = "auto",
     helper_tokenizer: str | None = None,
     params: dict[str, Any] | list[str] | None = None,
     seed: int = 0,
@@ -296,6 +300,11 @@ def _run_transfer(cfg: TransferConfig) -> TransferResult:
     if cfg.mode == "extend":
         from .vocab_extend import run_extend
 
+        if cfg.method == "auto":  # the measured choice is built for replace mode; extend's measured method is clp
+            log.info("extend mode: method auto chooses among replace-mode candidates; using clp (calibrated), "
+                     "extend mode's measured default (docs/research.md)")
+            cfg = dataclasses.replace(cfg, method="clp")
+
         return run_extend(cfg, inputs.src, inputs.hlp, inputs.src_tok, inputs.tgt_tok, inputs.src_ckpt,
                           inputs.keys, inputs.e_s, inputs.o_s, inputs.e_h, inputs.timings, t0)
     result, chat = _solve(cfg, inputs)
@@ -375,17 +384,18 @@ def _solve(cfg: TransferConfig, inputs: _Inputs) -> tuple[TransferredEmbeddings,
                      inputs.src.path, enabled=cfg.chat)
     inputs.timings["plan_s"] = time.perf_counter() - t
 
-    def measure(input_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return calibration_statistics(inputs.src.path, input_rows, inputs.tgt_tok, cfg.calibration_text,
-                                      cfg.calibration_tokens, cfg.calibration_count_bytes,
-                                      trust_remote_code=cfg.trust_remote_code)
-
-    result = transfer_embeddings(
-        inputs.e_s, inputs.e_h, inputs.source_vocab, inputs.target_vocab, source_output=inputs.o_s,
-        method=cfg.method, params=parse_params(cfg.params), seed=cfg.seed,
-        canonical_matching=cfg.canonical_matching, pad_to_multiple_of=cfg.pad_to_multiple_of,
-        calibration=measure if cfg.calibration_text is not None else None, match=match,
-        extra_rows=len(chat.new_tokens))  # carried control tokens: ids after the helper's vocabulary
+    params = parse_params(cfg.params)
+    probe = _target_text(cfg, inputs, method_params(cfg.method, params)) if match.missing_ids else None
+    try:
+        result = transfer_embeddings(
+            inputs.e_s, inputs.e_h, inputs.source_vocab, inputs.target_vocab, source_output=inputs.o_s,
+            method=cfg.method, params=params, seed=cfg.seed,
+            canonical_matching=cfg.canonical_matching, pad_to_multiple_of=cfg.pad_to_multiple_of,
+            calibration=probe, match=match,
+            extra_rows=len(chat.new_tokens))  # carried control tokens: ids after the helper's vocabulary
+    finally:
+        if probe is not None:
+            probe.release()
     inputs.timings["match_s"] = inputs.timings.pop("plan_s") + result.report.timings.pop("match_s")
     inputs.timings.update(result.report.timings)
     o_s, rows = inputs.o_s, result.report.target_rows
@@ -397,6 +407,19 @@ def _solve(cfg: TransferConfig, inputs: _Inputs) -> tuple[TransferredEmbeddings,
         result.output = remap_rows(o_s, by_position, rows)
     set_chat_rows(chat, result.input, result.output, inputs.e_s, o_s)  # after calibration: exact source rows
     return result, chat
+
+
+def _target_text(cfg: TransferConfig, inputs: _Inputs, params: dict[str, Any]) -> TargetText | None:
+    """The target text the method measures on: read and tokenized once, the source model loaded on first use;
+    ``auto`` holds out check documents. None without text, or when the method needs none."""
+    if cfg.calibration_text is None:
+        return None
+    auto = cfg.method == "auto"
+    if not (auto or METHODS.get(cfg.method).wants_calibration(params)):
+        return None
+    return TargetText(inputs.src.path, inputs.tgt_tok, cfg.calibration_text, cfg.calibration_tokens,
+                      cfg.calibration_count_bytes, check_tokens=int(params["check_tokens"]) if auto else 0,
+                      seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
 
 
 def _transfer_report(cfg: TransferConfig, inputs: _Inputs, result: TransferredEmbeddings,
@@ -542,13 +565,30 @@ def _head_summary(report: dict[str, Any]) -> str:
     return "untied, left in source positions (--no-transfer_untied_head)"
 
 
+def _auto_summary(auto: dict[str, Any] | None) -> str:
+    """`` (chose X: check bits per byte 2.03 vs runner-up Y 2.07)`` for method auto."""
+    if not auto:
+        return ""
+    if "candidates" not in auto:
+        return f" (chose {auto['choice']}: {auto.get('reason', '')})"
+    scored = [c for c in auto["candidates"] if c.get("scores")]
+    best = {c["name"]: c["scores"].get("check", c["scores"].get("screen")) for c in scored}
+    final = [c for c in scored if "check" in c["scores"]] or scored
+    ranked = sorted(final, key=lambda c: best[c["name"]])
+    text = f" (chose {auto['choice']}, bits per byte {best[auto['choice']]:.4f} on held-out text"
+    if len(ranked) > 1:
+        runner = next(c for c in ranked if c["name"] != auto["choice"])
+        text += f"; runner-up {runner['name']} {best[runner['name']]:.4f}"
+    return text + f"; {len(scored)} candidates, see transfer_report.json)"
+
+
 def summary(report: dict[str, Any], path: Path) -> str:
     m = report["matching"]
     nr = report["new_rows"]
     ratio = nr.get("norm_ratio_new_to_shared")
     return (
         f"Transferred {report['source']['origin']} to the vocabulary of {report['helper']['tokenizer']} with "
-        f"method {report['method']}: {m['shared']} of {report['target']['vocab_size']} target tokens reuse a "
+        f"method {report['method']}{_auto_summary(nr.get('auto'))}: {m['shared']} of {report['target']['vocab_size']} target tokens reuse a "
         f"source row ({m['exact']} exact, {m['canonical']} after canonical matching, "
         f"{m['special_role'] + m['special_text']} special), {m['missing']} are new"
         + (f" (mean norm {ratio:.2f}x that of shared rows)" if ratio is not None else "")
