@@ -229,6 +229,8 @@ def choose(problem: EmbeddingProblem, params: dict[str, Any], probe: TextProbe |
         solution = calibrated(problem, base, probe.statistics(base.input), winner.calibrate)
     solution.stats["auto"] = {
         "choice": winner.name, "method": winner.method, "params": winner.params,
+        "auto_params": {k: params[k] for k in ("pieces_weights", "calibrate_strengths", "omp_k", "screen_tokens",
+                                               "check_tokens", "fit_positions", "margin")},
         "check_tokens": getattr(probe, "check_tokens", None),
         "check_documents": len(getattr(probe, "check_documents", []) or []),
         "candidates": [{"name": c.name, "method": c.method, "params": c.params, "scores": c.scores,
