@@ -581,7 +581,9 @@ def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: 
     flat = keys.view(-1, SCREEN_CHUNK)
     top = top_chunk * SCREEN_CHUNK + flat.index_select(0, torch.arange(c) * n_chunks + top_chunk).argmax(1)
     everyone = torch.arange(c)
-    lower = _exact_scores(r, atoms.a32, everyone, atoms.order[top], nonneg)  # [c] a true score
+    lower = (atoms.a32.index_select(0, atoms.order[top]) * r).sum(1)  # [c] a true score
+    if not nonneg:
+        lower.abs_()
     thr = _screen_threshold(r, low_r, atoms, lower)
     hot = chunk_max >= thr
     wide = hot.sum(1) > SCREEN_MAX_CHUNKS
