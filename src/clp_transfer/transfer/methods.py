@@ -528,7 +528,7 @@ def _exact_scores(r: torch.Tensor, a32: torch.Tensor, rows: torch.Tensor, atoms:
     return out if nonneg else out.abs_()
 
 
-def _screen_keys(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool):
+def _screen_keys(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool, out: torch.Tensor | None = None):
     """The screen's scores as sortable int16 keys: (keys [c, n'], their maxima per chunk of SCREEN_CHUNK
     atoms [c, n' / SCREEN_CHUNK], the bfloat16 residuals [c, d_h]).
 
@@ -536,10 +536,12 @@ def _screen_keys(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bo
     bfloat16 orders exactly as its bit pattern. |s| is the pattern with the sign bit cleared (``nonneg``:
     negative scores become +0, which only ever adds candidates); padding rows and the atoms already picked
     get -1, below every score. Integer reductions are several times faster than bfloat16 ones on CPUs.
+    ``out``: a bfloat16 buffer of at least [c, n'] for the product (a fresh 10 MB tensor every step costs
+    page faults).
     """
     c, n = r.shape[0], atoms.a32.shape[0]
     low_r = r.to(torch.bfloat16)
-    keys = (low_r @ atoms.screen_t).view(torch.int16)  # [c, n'] atoms in screen order
+    keys = torch.mm(low_r, atoms.screen_t, out=None if out is None else out[:c]).view(torch.int16)  # [c, n']
     if nonneg:
         keys.clamp_min_(0)
     else:
@@ -562,7 +564,8 @@ def _screen_threshold(r: torch.Tensor, low_r: torch.Tensor, atoms: OmpAtoms, low
     return thr.view(torch.int16)
 
 
-def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool):
+def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool,
+                   out: torch.Tensor | None = None):
     """:func:`_exact_best` through a bfloat16 screen: the same atoms (up to exact float ties), less work.
 
     The screen scores every atom in bfloat16 (one [c, d_h] x [d_h, n] product, several times faster than
@@ -575,7 +578,7 @@ def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: 
     exactly. Rows with too many candidate chunks (residual ~0, many near-ties) take the exact product instead.
     """
     c, n = r.shape[0], atoms.a32.shape[0]
-    keys, chunk_max, low_r = _screen_keys(r, atoms, idx, nonneg)
+    keys, chunk_max, low_r = _screen_keys(r, atoms, idx, nonneg, out)
     n_chunks = chunk_max.shape[1]
     top_chunk = chunk_max.argmax(1)
     flat = keys.view(-1, SCREEN_CHUNK)
@@ -603,11 +606,13 @@ def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: 
     return best, atom
 
 
-def _best_atoms(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool):
-    """(score [c], atom [c]) maximising |a·r| (``nonneg``: a·r) over the atoms not in ``idx`` [c, i]."""
+def _best_atoms(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool,
+                out: torch.Tensor | None = None):
+    """(score [c], atom [c]) maximising |a·r| (``nonneg``: a·r) over the atoms not in ``idx`` [c, i]
+    (``out``: the screen's buffer, see :func:`_screen_keys`)."""
     if atoms.screen is None:
         return _exact_best(r, atoms.a32, idx, nonneg)
-    return _screened_best(r, atoms, idx, nonneg)
+    return _screened_best(r, atoms, idx, nonneg, out)
 
 
 def _gram_entries(prepared: OmpAtoms, j: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -669,9 +674,10 @@ def omp_select(
     chol = torch.eye(k).repeat(c, 1, 1)  # lower Cholesky factor L of G_I + ridge·I (identity in unused slots)
     z = torch.zeros(c, k)  # L z = A_I y
     r = y.clone()  # [m, d_h] residual y - A_I x, x = L⁻ᵀ z
+    screen_out = None if prepared.screen is None else torch.empty(c, prepared.screen.shape[0], dtype=torch.bfloat16)
     step = torch.ones(c, k)  # [-L⁻ᵀ w, 1]: the weights of the new residual direction over the picked atoms
     for i in range(k):
-        best, j = _best_atoms(r, prepared, idx[:, :i], nonneg)
+        best, j = _best_atoms(r, prepared, idx[:, :i], nonneg, screen_out)
         g = _gram_entries(prepared, j, idx[:, :i])
         w = torch.linalg.solve_triangular(chol[:, :i, :i], g[..., None], upper=False)[..., 0]
         d2 = sq[j] + ridge - (w * w).sum(1)
