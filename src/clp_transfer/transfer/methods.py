@@ -679,18 +679,20 @@ def omp_select(
     for i in range(k):
         best, j = _best_atoms(r, prepared, idx[:, :i], nonneg, screen_out)
         g = _gram_entries(prepared, j, idx[:, :i])
-        w = torch.linalg.solve_triangular(chol[:, :i, :i], g[..., None], upper=False)[..., 0]
+        # one copy of the factor's slice: both triangular solves then take it as it is (transposed flags)
+        lc = chol[:, :i, :i].contiguous()
+        w = torch.linalg.solve_triangular(lc, g[..., None], upper=False)[..., 0]  # L⁻¹ g
         d2 = sq[j] + ridge - (w * w).sum(1)
         go = (best > 0) & (d2 > 1e-6 * (sq[j] + ridge)) & ((r * r).sum(1) > tiny)
         if not bool(go.all()):
             stop = ~go
             idx_out[rows[stop]], size_out[rows[stop]] = idx[stop], i
-            rows, y, tiny, idx, chol, z, r, step, j, w, d2 = (
-                t[go] for t in (rows, y, tiny, idx, chol, z, r, step, j, w, d2))
+            rows, y, tiny, idx, chol, lc, z, r, step, j, w, d2 = (
+                t[go] for t in (rows, y, tiny, idx, chol, lc, z, r, step, j, w, d2))
             if len(rows) == 0:
                 break
         d = d2.sqrt()
-        v = torch.linalg.solve_triangular(chol[:, :i, :i].transpose(1, 2), w[..., None], upper=True)[..., 0]
+        v = torch.linalg.solve_triangular(lc.mT, w[..., None], upper=True)[..., 0]  # L⁻ᵀ w
         chol[:, i, :i] = w
         chol[:, i, i] = d
         # L gains the row [wᵀ, d]; z_i = (a·y - w·z) / d
