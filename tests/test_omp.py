@@ -103,6 +103,21 @@ def test_matches_textbook_omp(n, dh, k, seed):
             torch.testing.assert_close(x[row], coef, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_fast_path_matches_textbook_omp_on_random_matrices(seed):
+    # enough atoms for the bfloat16 screen and the Gram lookup (the defaults of prepare_atoms), against the
+    # float64 textbook loop: the same atoms in the same order, the same coefficients
+    g = torch.Generator().manual_seed(seed)
+    atoms, y = torch.randn(1300, 40, generator=g), torch.randn(6, 40, generator=g)
+    prepared = prepare_atoms(atoms)
+    assert prepared.screen is not None and prepared.gram is not None
+    idx, x = omp_select(prepared, y, k=10)
+    for row in range(6):
+        support, coef = reference_omp(atoms, y[row], 10)
+        assert idx[row].tolist() == support
+        torch.testing.assert_close(x[row], coef, rtol=1e-4, atol=1e-6)
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(2, 40), dh=st.integers(2, 16), k=st.integers(1, 10), ridge=st.floats(0.0, 3.0),
        nonneg=st.booleans(), seed=st.integers(0, 10_000))

@@ -337,3 +337,59 @@ def test_cli_transfer_method_omp_on_every_family(tmp_path, model_factory, german
     assert torch.isfinite(model.get_input_embeddings().weight).all()
     ids = tok("Die Katze", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id).shape[1] > 2
+
+
+# ------------------------------------------------------------------------ the fast paths of the fixed cost
+
+
+@pytest.mark.parametrize("family", sorted(__import__("clp_transfer.models", fromlist=["x"]).KNOWN_FAMILIES))
+@pytest.mark.parametrize("tied", [True, False])
+def test_known_families_read_from_config_json_match_the_model_classes(tmp_path, monkeypatch, family, tied):
+    # the parameter names, tying and context length read from config.json and the checkpoint's key names
+    # are what building the model class gives
+    from transformers import AutoConfig
+
+    from clp_transfer import models
+
+    cfg = AutoConfig.for_model(family, vocab_size=64, hidden_size=16, n_embd=16, intermediate_size=32,
+                               num_hidden_layers=1, n_layer=1, num_attention_heads=2, n_head=2,
+                               num_key_value_heads=2, tie_word_embeddings=tied)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path)
+    assert models.plain_config(tmp_path) is not None
+    fast = models.find_embedding_keys(tmp_path)
+    known, context = models.plain_context_length(tmp_path)
+    monkeypatch.setattr(models, "plain_config", lambda _: None)
+    assert fast == models.find_embedding_keys(tmp_path)  # the general path: the model on the meta device
+    assert known and context == models.context_length(AutoConfig.from_pretrained(tmp_path))
+
+
+def test_plain_tokenizer_families_are_the_ones_autotokenizer_keeps():
+    from transformers.models.auto.tokenization_auto import (
+        MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS,
+        TOKENIZER_MAPPING_NAMES,
+    )
+
+    from clp_transfer.models import KNOWN_FAMILIES, PLAIN_TOKENIZER_FAMILIES
+
+    for family in PLAIN_TOKENIZER_FAMILIES:
+        assert family in KNOWN_FAMILIES and family not in MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS
+        assert TOKENIZER_MAPPING_NAMES.get(family) != "MistralCommonBackend"
+
+
+@pytest.mark.parametrize("arch,tied,kind", [("gpt2", None, "bpe"), ("gpt_neox", None, "sentencepiece"),
+                                            ("llama", True, "sentencepiece"), ("llama", False, "wordpiece")])
+def test_the_direct_tokenizer_load_is_autotokenizers(tmp_path, model_factory, arch, tied, kind):
+    from clp_transfer import models
+
+    path = model_factory(arch, "de", kind, tied=tied)
+    assert models._plain_tokenizer_class(path) is not None  # the fast path applies to these directories
+    fast, auto = models.load_tokenizer(path), AutoTokenizer.from_pretrained(path)
+    assert type(fast) is type(auto) and fast.get_vocab() == auto.get_vocab()
+    assert fast.all_special_tokens == auto.all_special_tokens and fast.init_kwargs == auto.init_kwargs
+    text = "Die Katze schläft. <|endoftext|> 123"
+    assert fast(text)["input_ids"] == auto(text)["input_ids"]
+    fast.save_pretrained(tmp_path / "fast")
+    auto.save_pretrained(tmp_path / "auto")
+    for f in (tmp_path / "auto").iterdir():
+        assert (tmp_path / "fast" / f.name).read_bytes() == f.read_bytes(), f.name

@@ -322,13 +322,57 @@ def is_tied(config: Any) -> bool:
     return bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
 
 
+# Families whose facts the transfer reads from config.json and the checkpoint's key names alone, without
+# importing and building the model class (~1.5 s of a transfer's fixed cost): model_type -> (input embedding
+# parameter, output head parameter, context-length key), as the model classes name them. A test checks the
+# table against the classes; any other model, or a config these facts might not cover, takes the general path.
+KNOWN_FAMILIES: dict[str, tuple[str, str, str]] = {
+    "llama": ("model.embed_tokens.weight", "lm_head.weight", "max_position_embeddings"),
+    "mistral": ("model.embed_tokens.weight", "lm_head.weight", "max_position_embeddings"),
+    "qwen2": ("model.embed_tokens.weight", "lm_head.weight", "max_position_embeddings"),
+    "qwen3": ("model.embed_tokens.weight", "lm_head.weight", "max_position_embeddings"),
+    "gpt2": ("transformer.wte.weight", "lm_head.weight", "n_positions"),
+    "gpt_neox": ("gpt_neox.embed_in.weight", "embed_out.weight", "max_position_embeddings"),
+}
+
+
+PLAIN_TOKENIZER_FAMILIES = ("llama", "mistral", "qwen3", "gpt2", "gpt_neox")
+"""The :data:`KNOWN_FAMILIES` for which ``AutoTokenizer`` keeps a tokenizer_config.json's
+``TokenizersBackend`` (not qwen2: transformers overrides its hub class); a test checks it against transformers."""
+
+
+def plain_config(model_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``config.json`` of ``model_dir`` as a dict when it is a :data:`KNOWN_FAMILIES` model whose facts it
+    states outright (tie_word_embeddings given; no remote code, no nested text config), else None."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(cfg, dict) or cfg.get("model_type") not in KNOWN_FAMILIES or "auto_map" in cfg
+            or "text_config" in cfg or not isinstance(cfg.get("tie_word_embeddings"), bool)):
+        return None
+    return cfg
+
+
 def find_embedding_keys(model_dir: str | os.PathLike, checkpoint: SafetensorsCheckpoint | None = None,
                         trust_remote_code: bool = False) -> EmbeddingKeys:
-    """Locate the embedding tensors by building the model on the meta device (costs no memory)."""
+    """Locate the embedding tensors: for :data:`KNOWN_FAMILIES` from the config and the parameter names
+    alone, else by building the model on the meta device (costs no memory)."""
+    ckpt = checkpoint or SafetensorsCheckpoint(model_dir)
+    plain = plain_config(model_dir)
+    if plain is not None:
+        in_name, out_name, _ = KNOWN_FAMILIES[plain["model_type"]]
+        return _embedding_keys(model_dir, ckpt, in_name, [out_name], None, plain["tie_word_embeddings"])
+    in_name, out_names, bias_name, tied = _model_embedding_names(model_dir, trust_remote_code)
+    return _embedding_keys(model_dir, ckpt, in_name, out_names, bias_name, tied)
+
+
+def _model_embedding_names(model_dir: str | os.PathLike, trust_remote_code: bool):
+    """(input embedding parameter, output head parameters, head bias parameter or None, tied) of the model
+    class, built on the meta device."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    ckpt = checkpoint or SafetensorsCheckpoint(model_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     try:
         with init_empty_weights():
@@ -338,38 +382,70 @@ def find_embedding_keys(model_dir: str | os.PathLike, checkpoint: SafetensorsChe
     named = list(model.named_parameters(remove_duplicate=False))
     in_weight = model.get_input_embeddings().weight
     in_name = next(n for n, p in named if p is in_weight)
-    tied = is_tied(config)
+    out_names, bias_name = None, None
+    out_mod = model.get_output_embeddings()
+    if out_mod is not None:
+        out_names = [n for n, p in named if p is out_mod.weight and n != in_name]
+        if getattr(out_mod, "bias", None) is not None:
+            bias_name = next(n for n, p in named if p is out_mod.bias)
+    return in_name, out_names, bias_name, is_tied(config)
+
+
+def _embedding_keys(model_dir: str | os.PathLike, ckpt: SafetensorsCheckpoint, in_name: str,
+                    out_names: list[str] | None, bias_name: str | None, tied: bool) -> EmbeddingKeys:
+    """The checkpoint keys of the parameters ``in_name``, ``out_names`` (the head's names; the last one
+    counts; None: the model has no output head module) and ``bias_name``."""
     keys = ckpt.keys()
     in_key = _match_key(in_name, keys)
     if in_key is None:
         raise ClpError(f"cannot find the input embeddings ({in_name}) in the checkpoint of {str(model_dir)!r}")
     out_key = bias_key = None
-    out_mod = model.get_output_embeddings()
-    if out_mod is not None:
-        out_names = [n for n, p in named if p is out_mod.weight and n != in_name]
-        if out_names:
-            out_key = _match_key(out_names[-1], keys)
+    if out_names is not None:
+        out_key = _match_key(out_names[-1], keys) if out_names else None
         if out_key == in_key:
             out_key = None
-        if getattr(out_mod, "bias", None) is not None:
-            bias_key = _match_key(next(n for n, p in named if p is out_mod.bias), keys)
-        if out_key is None:
-            # The checkpoint may spell the head differently from the module (transformers renames some
-            # on load, e.g. GPT-NeoX 'embed_out' -> 'lm_head'): fall back to the one other matrix of the
-            # embedding's shape.
-            shapes = ckpt.shapes()
-            same = [k for k, s in shapes.items() if k != in_key and s == shapes[in_key]]
-            if len(same) == 1:
-                out_key = same[0]
+        bias_key = _match_key(bias_name, keys) if bias_name else None
+    if out_names is not None and out_key is None:
+        # The checkpoint may spell the head differently from the module (transformers renames some
+        # on load, e.g. GPT-NeoX 'embed_out' -> 'lm_head'): fall back to the one other matrix of the
+        # embedding's shape.
+        shapes = ckpt.shapes()
+        same = [k for k, s in shapes.items() if k != in_key and s == shapes[in_key]]
+        if len(same) == 1:
+            out_key = same[0]
     if not tied and out_key is None:
         raise ClpError(f"untied model {str(model_dir)!r} has no output head in its checkpoint")
     return EmbeddingKeys(in_key, out_key, tied, bias_key)
 
 
-def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, what: str = "model"):
-    from transformers import AutoTokenizer
-
+def _plain_tokenizer_class(path: str | os.PathLike):
+    """``TokenizersBackend`` when ``AutoTokenizer`` would pick it for the directory ``path`` anyway (its
+    tokenizer_config.json names that class, with a tokenizer.json and no remote code, and config.json is a
+    :data:`PLAIN_TOKENIZER_FAMILIES` model), else None. Loading it directly skips AutoTokenizer's config instantiation
+    and its model-module imports (~1 s of a transfer's fixed cost); a test checks both give the same tokenizer."""
+    p = Path(path)
     try:
+        tok_cfg = json.loads((p / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(tok_cfg, dict) or tok_cfg.get("tokenizer_class") != "TokenizersBackend" or "auto_map" in tok_cfg
+            or not (p / "tokenizer.json").is_file()):
+        return None
+    cfg = plain_config(p)
+    if cfg is None or cfg["model_type"] not in PLAIN_TOKENIZER_FAMILIES:
+        return None
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    return TokenizersBackend
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False, what: str = "model"):
+    try:
+        plain = _plain_tokenizer_class(path)
+        if plain is not None:
+            return plain.from_pretrained(path)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         if "trust_remote_code" in str(e) and not trust_remote_code:
@@ -491,6 +567,9 @@ def model_device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
 def context_length(model: Any) -> int | None:
     """Longest input the model's position scheme allows, from its config (None when it does not say).
 
@@ -500,11 +579,25 @@ def context_length(model: Any) -> int | None:
     if config is None:
         return None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+    for key in _CONTEXT_KEYS:
         value = getattr(text, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def plain_context_length(model_dir: str | os.PathLike) -> tuple[bool, int | None]:
+    """(known, :func:`context_length` of the model's config) read from config.json alone when
+    :func:`plain_config` accepts it and it states the family's context key and no other; (False, None)
+    otherwise (then ask the config class: its defaults may fill in what the file leaves out)."""
+    cfg = plain_config(model_dir)
+    if cfg is None:
+        return False, None
+    key = KNOWN_FAMILIES[cfg["model_type"]][2]
+    value = cfg.get(key)
+    if [k for k in _CONTEXT_KEYS if k in cfg] != [key] or not isinstance(value, int) or isinstance(value, bool):
+        return False, None
+    return True, value if value > 0 else None
 
 
 def read_new_token_ids(path: str | os.PathLike) -> list[int]:

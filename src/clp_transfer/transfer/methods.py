@@ -476,6 +476,8 @@ class OmpAtoms:
     screen: torch.Tensor | None = None
     """[n', d_h] bfloat16 copy of the atoms sorted by decreasing norm (n' = n padded to a multiple of
     SCREEN_CHUNK with zero rows), or None: exact float32 correlations of every atom at every step."""
+    screen_t: torch.Tensor | None = None
+    """[d_h, n'] its transpose, contiguous: the layout the screen's product runs fastest with."""
     order: torch.Tensor | None = None
     """[n'] atom id of each screen row (padding rows: 0)."""
     position: torch.Tensor | None = None
@@ -505,6 +507,7 @@ def prepare_atoms(atoms: torch.Tensor, screen: bool | None = None, gram: bool | 
         delta = (a32[order] - low.float()).norm(dim=1)
         norm = low.float().norm(dim=1)
         out.screen = torch.cat([low, low.new_zeros(pad, low.shape[1])])
+        out.screen_t = out.screen.T.contiguous()
         out.order = torch.cat([order, order.new_zeros(pad)])
         out.position = torch.empty(n, dtype=torch.long).scatter_(0, order, torch.arange(n))
         out.chunk_delta = torch.cat([delta, delta.new_zeros(pad)]).view(-1, SCREEN_CHUNK).amax(1)
@@ -520,15 +523,15 @@ def _exact_best(r: torch.Tensor, a32: torch.Tensor, idx: torch.Tensor, nonneg: b
     corr = r @ a32.T  # [c, n]
     if not nonneg:
         corr.abs_()
-    _exclude(corr, idx)
+    _exclude(corr, idx, -math.inf)
     return corr.max(1)
 
 
-def _exclude(scores: torch.Tensor, idx: torch.Tensor) -> None:
-    """Set ``scores[row, idx[row]]`` [c, n] to -inf in place: a fill through the flat view (scatter_ on a
-    bfloat16 [c, n] is ~50x slower here)."""
+def _exclude(scores: torch.Tensor, idx: torch.Tensor, value: float) -> None:
+    """Set ``scores[row, idx[row]]`` [c, n] to ``value`` in place: a fill through the flat view (scatter_ on a
+    [c, n] bfloat16 or int16 tensor is ~50x slower here)."""
     flat = (torch.arange(scores.shape[0])[:, None] * scores.shape[1] + idx).flatten()
-    scores.view(-1).index_fill_(0, flat, -math.inf)
+    scores.view(-1).index_fill_(0, flat, value)
 
 
 def _exact_scores(r: torch.Tensor, a32: torch.Tensor, rows: torch.Tensor, atoms: torch.Tensor, nonneg: bool):
@@ -537,41 +540,66 @@ def _exact_scores(r: torch.Tensor, a32: torch.Tensor, rows: torch.Tensor, atoms:
     return out if nonneg else out.abs_()
 
 
-def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool):
-    """:func:`_exact_best` through a bfloat16 screen: the same atoms (up to exact float ties), less work.
+def _screen_keys(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool, out: torch.Tensor | None = None):
+    """The screen's scores as sortable int16 keys: (keys [c, n'], their maxima per chunk of SCREEN_CHUNK
+    atoms [c, n' / SCREEN_CHUNK], the bfloat16 residuals [c, d_h]).
 
-    The screen scores every atom in bfloat16 (one [c, d_h] x [d_h, n] product, ~4x faster than float32 on CPUs
-    with bfloat16 dot products). Each row's screened best atom is scored exactly (L, a true score); an atom
-    j can only beat it if its screened score s_j obeys ``s_j·(1 + 2u) + e_j >= L``, where
-    ``e_j = |r|·|a_j - bf16(a_j)| + |bf16(a_j)|·(|r - bf16(r)| + float32 accumulation)`` bounds the error of
-    the screened product rigorously (Cauchy-Schwarz; u = bfloat16 roundoff of the output). The bound is
-    taken per chunk of SCREEN_CHUNK atoms sorted by norm (so it stays close to each atom's); chunks whose
-    maximum passes are searched, and every passing atom is scored exactly. Rows with too many candidate
-    chunks (residual ~0, many near-ties) take the exact product instead.
+    One bfloat16 product ``bf16(r) @ screen.T``; its bits are then read as int16, where a non-negative
+    bfloat16 orders exactly as its bit pattern. |s| is the pattern with the sign bit cleared (``nonneg``:
+    negative scores become +0, which only ever adds candidates); padding rows and the atoms already picked
+    get -1, below every score. Integer reductions are several times faster than bfloat16 ones on CPUs.
+    ``out``: a bfloat16 buffer of at least [c, n'] for the product (a fresh 10 MB tensor every step costs
+    page faults).
     """
     c, n = r.shape[0], atoms.a32.shape[0]
     low_r = r.to(torch.bfloat16)
-    s = low_r @ atoms.screen.T  # [c, n'] bfloat16, atoms in screen order
-    if not nonneg:
-        s.abs_()
-    s[:, n:] = -math.inf  # padding rows
-    _exclude(s, atoms.position[idx])  # the atoms already picked
-    chunks = s.view(c, -1, SCREEN_CHUNK)
-    n_chunks = chunks.shape[1]
-    chunk_max = chunks.amax(2)  # [c, n' / chunk]
-    top_chunk = chunk_max.argmax(1)
-    flat = chunks.reshape(-1, SCREEN_CHUNK)
-    top = top_chunk * SCREEN_CHUNK + flat.index_select(0, torch.arange(c) * n_chunks + top_chunk).argmax(1)
-    everyone = torch.arange(c)
-    lower = _exact_scores(r, atoms.a32, everyone, atoms.order[top], nonneg)  # [c] a true score
+    keys = torch.mm(low_r, atoms.screen_t, out=None if out is None else out[:c]).view(torch.int16)  # [c, n']
+    if nonneg:
+        keys.clamp_min_(0)
+    else:
+        keys.bitwise_and_(0x7FFF)
+    keys[:, n:] = -1  # padding rows
+    _exclude(keys, atoms.position[idx], -1)  # the atoms already picked
+    return keys, keys.view(c, -1, SCREEN_CHUNK).amax(2), low_r
+
+
+def _screen_threshold(r: torch.Tensor, low_r: torch.Tensor, atoms: OmpAtoms, lower: torch.Tensor) -> torch.Tensor:
+    """int16 keys [c, n' / SCREEN_CHUNK]: per row and chunk, the smallest screened key an atom of that chunk
+    can have and still reach the true score ``lower`` [c] (see :func:`_screened_best`); rounded down."""
     acc = r.shape[1] * 2.0 ** -23  # float32 accumulation over d_h products (generous)
-    r_norm = r.norm(dim=1)
     rho = (r - low_r.float()).norm(dim=1) + acc * low_r.float().norm(dim=1)
-    err = r_norm[:, None] * atoms.chunk_delta + rho[:, None] * atoms.chunk_norm  # [c, n' / chunk]
+    err = r.norm(dim=1)[:, None] * atoms.chunk_delta + rho[:, None] * atoms.chunk_norm  # [c, n' / chunk]
     need = lower[:, None] - err
     u2 = 2 * _BF16_U
     thr = torch.where(need >= 0, need / (1 + u2), need / (1 - u2))
-    thr = (thr - thr.abs() * 2.0 ** -7).to(torch.bfloat16)  # rounded down: a bf16 comparison drops nothing
+    thr = (thr - thr.abs() * 2.0 ** -7).clamp_min(0).to(torch.bfloat16)  # rounded down: bf16 drops nothing
+    return thr.view(torch.int16)
+
+
+def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool,
+                   out: torch.Tensor | None = None):
+    """:func:`_exact_best` through a bfloat16 screen: the same atoms (up to exact float ties), less work.
+
+    The screen scores every atom in bfloat16 (one [c, d_h] x [d_h, n] product, several times faster than
+    float32 on CPUs with bfloat16 dot products; :func:`_screen_keys`). Each row's screened best atom is
+    scored exactly (L, a true score); an atom j can only beat it if its screened score s_j obeys
+    ``s_j·(1 + 2u) + e_j >= L``, where ``e_j = |r|·|a_j - bf16(a_j)| + |bf16(a_j)|·(|r - bf16(r)| + float32
+    accumulation)`` bounds the error of the screened product rigorously (Cauchy-Schwarz; u = bfloat16
+    roundoff of the output). The bound is taken per chunk of SCREEN_CHUNK atoms sorted by norm (so it stays
+    close to each atom's); chunks whose maximum passes are searched, and every passing atom is scored
+    exactly. Rows with too many candidate chunks (residual ~0, many near-ties) take the exact product instead.
+    """
+    c, n = r.shape[0], atoms.a32.shape[0]
+    keys, chunk_max, low_r = _screen_keys(r, atoms, idx, nonneg, out)
+    n_chunks = chunk_max.shape[1]
+    top_chunk = chunk_max.argmax(1)
+    flat = keys.view(-1, SCREEN_CHUNK)
+    top = top_chunk * SCREEN_CHUNK + flat.index_select(0, torch.arange(c) * n_chunks + top_chunk).argmax(1)
+    everyone = torch.arange(c)
+    lower = (atoms.a32.index_select(0, atoms.order[top]) * r).sum(1)  # [c] a true score
+    if not nonneg:
+        lower.abs_()
+    thr = _screen_threshold(r, low_r, atoms, lower)
     hot = chunk_max >= thr
     wide = hot.sum(1) > SCREEN_MAX_CHUNKS
     rows, cols = torch.nonzero(hot & ~wide[:, None], as_tuple=True)
@@ -590,11 +618,31 @@ def _screened_best(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: 
     return best, atom
 
 
-def _best_atoms(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool):
-    """(score [c], atom [c]) maximising |a·r| (``nonneg``: a·r) over the atoms not in ``idx`` [c, i]."""
+def _best_atoms(r: torch.Tensor, atoms: OmpAtoms, idx: torch.Tensor, nonneg: bool,
+                out: torch.Tensor | None = None):
+    """(score [c], atom [c]) maximising |a·r| (``nonneg``: a·r) over the atoms not in ``idx`` [c, i]
+    (``out``: the screen's buffer, see :func:`_screen_keys`)."""
     if atoms.screen is None:
         return _exact_best(r, atoms.a32, idx, nonneg)
-    return _screened_best(r, atoms, idx, nonneg)
+    return _screened_best(r, atoms, idx, nonneg, out)
+
+
+def _gram_entries(prepared: OmpAtoms, j: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """[m, i] inner products of the atoms ``j`` [m] with the picked atoms ``idx`` [m, i]: looked up in the
+    precomputed Gram matrix (through its flat view), else computed."""
+    if prepared.gram is not None:
+        n = prepared.gram.shape[0]
+        return prepared.gram.view(-1).index_select(0, (j[:, None] * n + idx).flatten()).view(idx.shape)
+    a32 = prepared.a32
+    return torch.bmm(a32[idx], a32.index_select(0, j)[:, :, None])[..., 0]
+
+
+def _weighted_atoms(idx: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_l weights[m, l] · rows[idx[m, l]] -> [m, d]: an embedding bag, reading the (cache-resident) rows
+    in place instead of gathering a [m, l, d] copy."""
+    if idx.shape[1] == 0:
+        return rows.new_zeros(idx.shape[0], rows.shape[1])
+    return torch.nn.functional.embedding_bag(idx, rows, per_sample_weights=weights.to(rows.dtype), mode="sum")
 
 
 def omp_select(
@@ -606,80 +654,97 @@ def omp_select(
 
     For each target, greedily up to ``k`` times: pick the atom most correlated with the current residual
     (largest ``|a·r|``; with ``nonneg`` the largest positive ``a·r``), then refit the coefficients of all
-    picked atoms by least squares, ``min_x |y - Σ x_j a_j|² + ridge·|x|²``. The refit is incremental: a
+    picked atoms by least squares, ``min_x |y - Σ x_j a_j|² + ridge·|x|²``. The refit is incremental: the
     Cholesky factor L of the picked atoms' Gram matrix (+ ridge) gains one row per step (a triangular solve
-    of the support's size; its Gram entries are looked up when the Gram matrix is precomputed) and the
-    residual moves along one new direction (``r -= z·q``, QR-style), so no step solves afresh. The atom
-    search is exact; with many atoms it goes through a bfloat16 screen (:func:`_screened_best`). All c
-    targets advance together as float32 batched tensors, only the targets still running take part in a
-    step; the coefficients on the final support are then solved once in float64 (:func:`_solve_support`).
-    A target stops early when its residual is ~0 (``|r|² <= tol·|y|²``), when no atom correlates with it,
-    or when the next atom lies (numerically) in the span of the picked ones; unused slots get index 0 and
-    weight 0. With ``nonneg`` the coefficients are refit on the support under ``x >= 0`` (:func:`_nnls_support`).
+    of the support's size; its new Gram entries are looked up when the Gram matrix is precomputed), ``z =
+    L⁻¹ A_I y`` gains one entry, and the residual moves along one new direction, ``r -= z_i·q`` with ``q =
+    (a - A_I v) / d``, ``v = L⁻ᵀ w`` (QR-style: the rounding of an update scales with the residual, not
+    with y). ``A_I v`` is an embedding bag over the atoms (read in place, no [c, k, d_h] copies of picked
+    atoms or directions), so no step solves afresh. (An explicit L⁻¹ instead of the triangular solves was
+    tried: faster products, but it loses accuracy on badly scaled atoms.) The atom search is exact; with
+    many atoms it goes through a bfloat16 screen (:func:`_screened_best`). All c targets advance together as float32 batched tensors,
+    only the targets still running take part in a step; the coefficients on the final support are then
+    solved once in float64 (:func:`_solve_support`). A target stops early when its residual is ~0
+    (``|r|² <= tol·|y|²``), when no atom correlates with it, or when the next atom lies (numerically) in the
+    span of the picked ones; unused slots get index 0 and weight 0. With ``nonneg`` the coefficients are
+    refit on the support under ``x >= 0`` (:func:`_nnls_support`).
 
     Returns ``(idx [c, k'], coef [c, k'] float64)`` with ``k' = min(k, n)``.
     """
     prepared = atoms if isinstance(atoms, OmpAtoms) else prepare_atoms(atoms)
-    a32, sq, gram = prepared.a32, prepared.sq, prepared.gram
-    n, c, dh = a32.shape[0], targets.shape[0], a32.shape[1]
+    a32, sq = prepared.a32, prepared.sq
+    n, c = a32.shape[0], targets.shape[0]
     k = max(1, min(int(k), n))
     idx_out = torch.zeros(c, k, dtype=torch.long)
-    picked_out = torch.zeros(c, k, dh)  # the picked atoms, zero in unused slots
+    size_out = torch.zeros(c, dtype=torch.long)  # atoms picked per target
     # Working state of the targets still running (row ``rows[m]`` of the block); rows that stop are written
     # to the outputs and dropped, so later steps neither compute nor copy them.
     rows = torch.arange(c)
     y = targets.float()  # [m, d_h]
     tiny = tol * (y * y).sum(1)
     idx = torch.zeros(c, k, dtype=torch.long)
-    chol = torch.eye(k).repeat(c, 1, 1)  # lower Cholesky factor of G_I + ridge·I (identity in unused slots)
+    chol = torch.eye(k).repeat(c, 1, 1)  # lower Cholesky factor L of G_I + ridge·I (identity in unused slots)
     z = torch.zeros(c, k)  # L z = A_I y
-    picked = torch.zeros(c, k, dh)
-    # Residual directions (orthonormal when ridge = 0), step-major: qdir[:i] is contiguous, so the step's
-    # product with it needs no copy (batched products over a [c, :i, d_h] slice are several times slower).
-    qdir = torch.zeros(k, c, dh)
-    r = y.clone()  # [m, d_h] residual y - A_I x
+    r = y.clone()  # [m, d_h] residual y - A_I x, x = L⁻ᵀ z
+    screen_out = None if prepared.screen is None else torch.empty(c, prepared.screen.shape[0], dtype=torch.bfloat16)
+    step = torch.ones(c, k)  # [-L⁻ᵀ w, 1]: the weights of the new residual direction over the picked atoms
     for i in range(k):
-        best, j = _best_atoms(r, prepared, idx[:, :i], nonneg)
-        a = a32[j]  # [m, d_h]
-        if gram is not None:
-            g = gram[j[:, None], idx[:, :i]]  # [m, i] Gram entries with the picked atoms, looked up
-        else:
-            g = torch.bmm(picked[:, :i], a[:, :, None])[..., 0]
-        w = torch.linalg.solve_triangular(chol[:, :i, :i], g[..., None], upper=False)[..., 0]
+        best, j = _best_atoms(r, prepared, idx[:, :i], nonneg, screen_out)
+        g = _gram_entries(prepared, j, idx[:, :i])
+        # one copy of the factor's slice: both triangular solves then take it as it is (transposed flags)
+        lc = chol[:, :i, :i].contiguous()
+        w = torch.linalg.solve_triangular(lc, g[..., None], upper=False)[..., 0]  # L⁻¹ g
         d2 = sq[j] + ridge - (w * w).sum(1)
         go = (best > 0) & (d2 > 1e-6 * (sq[j] + ridge)) & ((r * r).sum(1) > tiny)
         if not bool(go.all()):
             stop = ~go
-            idx_out[rows[stop]], picked_out[rows[stop]] = idx[stop], picked[stop]
-            rows, y, tiny, idx, chol, z, picked, r, a, j, w, d2 = (
-                t[go] for t in (rows, y, tiny, idx, chol, z, picked, r, a, j, w, d2))
-            qdir = qdir[:, go]
+            idx_out[rows[stop]], size_out[rows[stop]] = idx[stop], i
+            rows, y, tiny, idx, chol, lc, z, r, step, j, w, d2 = (
+                t[go] for t in (rows, y, tiny, idx, chol, lc, z, r, step, j, w, d2))
             if len(rows) == 0:
                 break
         d = d2.sqrt()
+        v = torch.linalg.solve_triangular(lc.mT, w[..., None], upper=True)[..., 0]  # L⁻ᵀ w
         chol[:, i, :i] = w
         chol[:, i, i] = d
-        zi = ((a * y).sum(1) - (w * z[:, :i]).sum(1)) / d
+        # L gains the row [wᵀ, d]; z_i = (a·y - w·z) / d
+        zi = ((a32.index_select(0, j) * y).sum(1) - (w * z[:, :i]).sum(1)) / d
         z[:, i] = zi
-        q = (a - torch.einsum("mi,imd->md", w, qdir[:i])) / d[:, None]
-        qdir[i], picked[:, i] = q, a
         idx[:, i] = j
-        r -= zi[:, None] * q
-    idx_out[rows], picked_out[rows] = idx, picked
-    coef = _solve_support(picked_out, targets, ridge)
+        # x = L⁻ᵀ z moves by z_i / d · [-v, 1], so r moves by z_i along q = (a - A_I v) / d (QR-style: the
+        # rounding of each update scales with the residual, not with y)
+        step[:, :i] = -v
+        r -= (zi / d)[:, None] * _weighted_atoms(idx[:, : i + 1], step[:, : i + 1], a32)
+    idx_out[rows], size_out[rows] = idx, k  # the targets that ran every step
+    coef = _solve_support(a32, idx_out, size_out, targets, ridge)
     if nonneg:
-        coef = _nnls_support(picked_out.double(), targets.double(), coef, ridge)
+        coef = _nnls_support(_support_atoms(a32, idx_out, size_out).double(), targets.double(), coef, ridge)
     return idx_out, coef
 
 
-def _solve_support(picked: torch.Tensor, targets: torch.Tensor, ridge: float) -> torch.Tensor:
-    """x [c, k] float64 = argmin |y - x @ picked|² + ridge·|x|² for atoms ``picked`` [c, k, d_h] (zero rows
-    are unused slots and get x = 0) and ``targets`` y [c, d_h]: one batched solve of the k x k normal equations."""
-    p = picked.double()
-    used = p.abs().sum(2) > 0  # [c, k]
-    gram = p @ p.transpose(1, 2) + ridge * torch.eye(p.shape[1], dtype=p.dtype)
-    gram = gram + torch.diag_embed((~used).double())  # unused slots: 1 on the diagonal, 0 right-hand side
-    return torch.linalg.solve(gram, torch.einsum("ckd,cd->ck", p, targets.double()))
+def _support_atoms(a32: torch.Tensor, idx: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """[c, k, d_h] the atoms ``idx`` [c, k] picked for each target, zero rows in the unused slots (from
+    ``size`` [c] on)."""
+    used = torch.arange(idx.shape[1]) < size[:, None]
+    return a32.index_select(0, idx.flatten()).view(*idx.shape, -1) * used[..., None]
+
+
+def _solve_support(a32: torch.Tensor, idx: torch.Tensor, size: torch.Tensor, targets: torch.Tensor,
+                   ridge: float, rows: int = 64) -> torch.Tensor:
+    """x [c, k] float64 = argmin |y - Σ_l x_l a_idx[l]|² + ridge·|x|² over each target's support (``idx``
+    [c, k] of the atoms ``a32``, the first ``size`` [c] slots used; unused slots get x = 0) for ``targets`` y
+    [c, d_h]: batched solves of the k x k normal equations in float64, ``rows`` targets at a time (so the
+    float64 copies of their atoms stay in cache)."""
+    k = idx.shape[1]
+    eye = torch.eye(k, dtype=torch.float64)
+    out = torch.empty(idx.shape, dtype=torch.float64)
+    for s in range(0, idx.shape[0], rows):
+        sl = slice(s, s + rows)
+        p = _support_atoms(a32, idx[sl], size[sl]).double()
+        unused = (torch.arange(k) >= size[sl, None]).double()
+        gram = p @ p.transpose(1, 2) + ridge * eye + torch.diag_embed(unused)  # unused slots: 1 on the diagonal
+        out[sl] = torch.linalg.solve(gram, torch.bmm(p, targets[sl].double()[:, :, None])[..., 0])
+    return out
 
 
 def _nnls_support(picked: torch.Tensor, y: torch.Tensor, start: torch.Tensor, ridge: float,
@@ -739,16 +804,17 @@ def omp(problem: EmbeddingProblem, generator: torch.Generator | None = None, k: 
     new_out = torch.empty(len(missing), d) if o_rows is not None else None
     support, l1, residual, neg = [], [], [], 0
     prepared = prepare_atoms(atoms)  # once for every block: the bfloat16 screen's copy, the Gram matrix
+    atoms64 = atoms.double()
     for start in range(0, len(missing), OMP_BLOCK):
         sl = slice(start, start + OMP_BLOCK)
         y = h[missing[sl]]  # [c, d_h]
         idx, x = omp_select(prepared, y, k, ridge=lam, nonneg=nonneg)
-        fit = torch.einsum("ck,ckd->cd", x, atoms[idx].double())
+        fit = _weighted_atoms(idx, x, atoms64)
         residual.append((fit - y.double()).norm(dim=1) / y.double().norm(dim=1).clamp_min(1e-30))
         w = x.float()
-        new_in[sl] = _combine(idx, w, e_rows)
+        new_in[sl] = _weighted_atoms(idx, w, e_rows)
         if new_out is not None:
-            new_out[sl] = _combine(idx, w, o_rows)
+            new_out[sl] = _weighted_atoms(idx, w, o_rows)
         support.append((w != 0).sum(1).float())
         l1.append(w.abs().sum(1))
         neg += int((w < 0).sum())

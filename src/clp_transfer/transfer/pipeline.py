@@ -474,11 +474,13 @@ def fit_to_source_context(tokenizer: Any, source_dir: Path, trust_remote_code: b
 
     The target model has the source's context, not the helper's: without this, a helper trained on short
     blocks would make the target tokenizer warn about (and truncate at) the helper's length."""
-    from transformers import AutoConfig
+    from ..models import context_length, plain_context_length
 
-    from ..models import context_length
+    known, context = plain_context_length(source_dir)  # config.json alone when that is safe
+    if not known:
+        from transformers import AutoConfig
 
-    context = context_length(AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code))
+        context = context_length(AutoConfig.from_pretrained(source_dir, trust_remote_code=trust_remote_code))
     if context:
         tokenizer.model_max_length = context
 
