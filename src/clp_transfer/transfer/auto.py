@@ -33,7 +33,8 @@ import torch
 
 from ..errors import ClpError
 from .methods import (EmbeddingProblem, EmbeddingSolution, NewRows, assemble_solution, calibrate_solution,
-                      compute_target_embeddings, fvt, method_params, mix_pieces, similarity_rows)
+                      compute_target_embeddings, fvt, method_params, mix_pieces, parse_number_list,
+                      similarity_rows)
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +79,10 @@ class Candidate:
     """Why it was not scored (it failed to build), else None."""
 
 
-def parse_list(text: str, name: str) -> list[float]:
-    """``"0,0.5,1"`` -> [0.0, 0.5, 1.0]; a clear error for anything else."""
-    try:
-        values = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise ClpError(f"auto: {name} takes comma-separated numbers, e.g. 0,0.5,1; got {text!r}") from None
-    if not values:
-        raise ClpError(f"auto: {name} is empty")
-    return values
-
-
 def candidates(params: dict[str, Any]) -> list[Candidate]:
     """The candidate set of the ``auto`` parameters, in a fixed order (earlier wins ties)."""
-    weights = parse_list(params["pieces_weights"], "pieces_weights")
-    strengths = parse_list(params["calibrate_strengths"], "calibrate_strengths")
-    if any(not 0 <= w <= 1 for w in weights) or any(s < 0 for s in strengths):
-        raise ClpError("auto: pieces_weights must lie in [0, 1] and calibrate_strengths be >= 0")
+    weights = parse_number_list("auto", "pieces_weights", params["pieces_weights"])
+    strengths = parse_number_list("auto", "calibrate_strengths", params["calibrate_strengths"])
     families: list[tuple[str, str, dict[str, Any]]] = []
     for w in weights:
         if w == 1:

@@ -959,7 +959,8 @@ NUMBER_LISTS: dict[str, ParamRange] = {"pieces_weights": ParamRange(0, 1), "cali
 """Parameters that are comma-separated lists of numbers (``auto``'s candidate grid), and each number's range."""
 
 
-def _check_number_list(method: str, name: str, value: Any) -> None:
+def parse_number_list(method: str, name: str, value: Any) -> list[float]:
+    """A :data:`NUMBER_LISTS` parameter (``"0,0.5,1"``) as numbers, each checked against its range."""
     rule = NUMBER_LISTS[name]
     try:
         numbers = [float(v) for v in str(value).replace(";", ",").split(",") if v.strip()]
@@ -970,13 +971,15 @@ def _check_number_list(method: str, name: str, value: Any) -> None:
     for v in numbers:
         if not math.isfinite(v) or not rule.holds(v):
             raise ClpError(f"method {method!r}: each of {name} must {rule.describe()}, not {v:g}")
+    return numbers
 
 
 def check_param(method: str, name: str, value: Any) -> None:
     """Raise :class:`ClpError` for a parameter value that is not finite or outside :data:`PARAM_RULES`."""
     rule = PARAM_RULES.get(name)
     if name in NUMBER_LISTS:
-        return _check_number_list(method, name, value)
+        parse_number_list(method, name, value)
+        return
     if isinstance(value, bool):
         return
     if isinstance(value, (int, float)):
