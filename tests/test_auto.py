@@ -98,9 +98,33 @@ def test_successive_halving_keeps_the_better_half_and_stops_when_one_is_clearly_
 def test_candidate_grid_follows_the_parameters():
     names = [c.name for c in candidates(method_params("auto"))]
     assert names == ["clp(pieces_weight=0)@0", "clp(pieces_weight=0)@1", "clp(pieces_weight=0.5)@0",
-                     "clp(pieces_weight=0.5)@1", "fvt@0", "fvt@1", "omp(k=8)@0", "omp(k=8)@1"]
+                     "clp(pieces_weight=0.5)@1", "clp(pieces_weight=1)@0", "clp(pieces_weight=1)@1",
+                     "omp(k=8)@0", "omp(k=8)@1"]
     few = candidates(method_params("auto", {"pieces_weights": "1", "calibrate_strengths": "0.5", "omp_k": 0}))
-    assert [c.name for c in few] == ["fvt@0.5"]
+    assert [c.name for c in few] == ["clp(pieces_weight=1)@0.5"]
+    assert [(c.method, c.params) for c in few] == [("clp", {"pieces_weight": 1.0, "calibrate": 0.5})]
+
+
+def test_every_family_is_its_standalone_method():
+    # The shared-work rows must be exactly what the winner's own method would build (a family that drifts from
+    # it, e.g. fvt's mean row for a token without source pieces instead of clp's similarity row, loses the
+    # choice it was scored for). "Дом" has no source pieces here: the pieces_weight=1 family keeps its
+    # similarity row.
+    from clp_transfer.transfer.auto import family_rows
+    from clp_transfer.transfer.methods import compute_target_embeddings
+
+    source = {"Ġthe": 0, "Ġa": 1, "Ġhouse": 2, "Ġis": 3, "Ġh": 4, "aus": 5}
+    target = {"Ġthe": 0, "Ġa": 1, "Ġhaus": 2, "Дом": 3, "Ġis": 4, "Ġhouse": 5}
+    g = torch.Generator().manual_seed(0)
+    task = build_problem(torch.randn(6, 8, generator=g), torch.randn(6, 5, generator=g), source, target,
+                         method="auto")
+    cands = candidates(method_params("auto", {"calibrate_strengths": "0"}))
+    rows = family_rows(task.problem, cands, seed=0)
+    for c in cands:
+        alone = compute_target_embeddings(task.problem, c.method, {**c.params, "calibrate": 0.0}, 0)
+        assert torch.allclose(rows[c.family].input, alone.input, atol=1e-6), c.family
+    fvt = compute_target_embeddings(task.problem, "fvt", {}, 0)
+    assert not torch.allclose(rows["clp(pieces_weight=1)"].input, fvt.input)  # "Дом": similarity, not the mean
 
 
 def test_a_candidate_without_pieces_is_skipped_with_a_note_not_fatal():
@@ -111,7 +135,9 @@ def test_a_candidate_without_pieces_is_skipped_with_a_note_not_fatal():
     probe = FakeScorer()
     solution = choose(task.problem, task.params, probe, seed=0)
     report = {c["name"]: c for c in solution.stats["auto"]["candidates"]}
-    assert "source pieces" in report["fvt@0"]["skipped"] and "skipped" not in report["clp(pieces_weight=0)@0"]
+    assert "source pieces" in report["clp(pieces_weight=1)@0"]["skipped"]
+    assert "source pieces" in report["clp(pieces_weight=0.5)@1"]["skipped"]
+    assert "skipped" not in report["clp(pieces_weight=0)@0"]
     assert solution.stats["auto"]["choice"] in report and "skipped" not in report[solution.stats["auto"]["choice"]]
 
 

@@ -16,6 +16,7 @@ from clp_transfer.cli import main
 from clp_transfer.errors import ClpError
 from clp_transfer.evaluate.perplexity import (
     count_words,
+    length_batches,
     perplexity,
     plan_windows,
     prefix_rule,
@@ -321,3 +322,17 @@ def test_bad_input_is_a_clear_error(tmp_path, gpt2_de, capsys, case, message):
     code = main(["perplexity", "--model", model, *args, "--no-progress"])
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=60), st.integers(1, 9), st.floats(0.1, 1.0))
+def test_length_batches_cover_everything_in_order_with_bounded_padding(lengths, batch_size, fill):
+    lengths = sorted(lengths, reverse=True)
+    batches = length_batches(lengths, batch_size, fill)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))
+    for b in batches:
+        assert 1 <= len(b) <= batch_size
+        assert all(lengths[i] >= fill * lengths[b[0]] for i in b)
+
+
+def test_equal_windows_fill_whole_batches():
+    assert length_batches([512] * 10 + [100, 95, 20], 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [10, 11], [12]]

@@ -7,7 +7,8 @@ default builds a small set of candidates from one problem and keeps the one with
 held-out target documents:
 
 1. **Families of rows**, sharing the work: the similarity rows (clp's sparsemax weights) and the FVT rows are
-   computed once and mixed at each ``pieces_weights`` value (0: clp, 1: fvt), plus ``omp`` (k = ``omp_k``).
+   computed once and mixed at each ``pieces_weights`` value by clp's rule (0: similarity rows only, 1: FVT
+   rows, with similarity rows for the tokens no source pieces spell), plus ``omp`` (k = ``omp_k``).
 2. **Calibration strengths**: each family with a strength > 0 is run once over ``fit_positions`` positions
    of the fit documents for the hidden states; every strength is then one cheap shift of the same rows.
 3. **Successive halving** on the check documents (whole documents the fit part never sees): every
@@ -68,7 +69,7 @@ class Candidate:
     family: str
     """The rows before calibration, e.g. ``clp(pieces_weight=0.5)``."""
     method: str
-    """The standalone method that builds it (``clp``, ``fvt``, ``omp``)."""
+    """The standalone method that builds it (``clp`` or ``omp``)."""
     params: dict[str, Any]
     """That method's parameters (calibration included), so the winner can be rerun on its own."""
     calibrate: float
@@ -83,12 +84,9 @@ def candidates(params: dict[str, Any]) -> list[Candidate]:
     """The candidate set of the ``auto`` parameters, in a fixed order (earlier wins ties)."""
     weights = parse_number_list("auto", "pieces_weights", params["pieces_weights"])
     strengths = parse_number_list("auto", "calibrate_strengths", params["calibrate_strengths"])
-    families: list[tuple[str, str, dict[str, Any]]] = []
-    for w in weights:
-        if w == 1:
-            families.append(("fvt", "fvt", {}))
-        else:
-            families.append((f"clp(pieces_weight={w:g})", "clp", {"pieces_weight": w}))
+    # pieces_weight 1 is clp's rule, not the fvt method: a token without source pieces keeps its similarity
+    # row instead of fvt's mean row (on the tiny SentencePiece source of bench_auto.py that was the whole gap to the best single candidate).
+    families = [(f"clp(pieces_weight={w:g})", "clp", {"pieces_weight": w}) for w in weights]
     if int(params["omp_k"]) > 0:
         families.append((f"omp(k={int(params['omp_k'])})", "omp", {"k": int(params["omp_k"])}))
     out = []
@@ -100,7 +98,7 @@ def candidates(params: dict[str, Any]) -> list[Candidate]:
 
 def family_rows(problem: EmbeddingProblem, families: list[Candidate], seed: int) -> dict[str, EmbeddingSolution | str]:
     """Uncalibrated rows of every family (a string: why it failed). The similarity and FVT rows are computed
-    once and mixed for every clp/fvt family; other methods run on their own."""
+    once and mixed for every clp family; other methods run on their own."""
     out: dict[str, EmbeddingSolution | str] = {}
     cache: dict[str, NewRows | str] = {}
 
@@ -116,14 +114,14 @@ def family_rows(problem: EmbeddingProblem, families: list[Candidate], seed: int)
         if c.family in out:
             continue
         try:
-            if c.method in ("clp", "fvt"):
-                w = float(c.params.get("pieces_weight", 1.0 if c.method == "fvt" else 0.0))
-                sim = shared_rows("sim") if w < 1 else None
+            if c.method == "clp":
+                w = float(c.params.get("pieces_weight", 0.0))
+                sim = shared_rows("sim")
                 pie = shared_rows("fvt") if w > 0 else None
                 failed = [r for r in (sim, pie) if isinstance(r, str)]
                 if failed:
                     raise ClpError(failed[0])
-                rows = mix_pieces(problem, sim, pie, w) if sim is not None else pie
+                rows = mix_pieces(problem, sim, pie, w)
                 params = method_params(c.method, {k: v for k, v in c.params.items() if k != "calibrate"})
                 out[c.family] = assemble_solution(problem, c.method, {**params, "calibrate": 0.0}, rows)
             else:
