@@ -75,6 +75,13 @@ INITS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "clp-space16k": ("clp", {}, {"calib": True, "space_vocab": 16000}),
     "clp-space8k": ("clp", {}, {"calib": True, "space_vocab": 8000}),
     "omp-calib": ("omp", {}, {"calib": True}),
+    # which half of the default hurts training (sitting 4: fvt ends ahead of clp): the calibration or the
+    # similarity rows? FVT rows with the default's calibration, and the half-and-half mix calibrated.
+    "fvt-calib": ("clp", {"pieces_weight": 1.0}, {"calib": True}),
+    # the lever "untie the head": the default's rows, but input and output as two matrices (identical at step 0,
+    # so the model is the same; training then moves the output rows without moving the input rows).
+    "clp-untied": ("derive:untie", {"from": "clp"}, {}),
+    "clp-pw0.5": ("clp", {"pieces_weight": 0.5}, {"calib": True}),
     # peers: rows computed outside this package, written into a copy of the ``random`` init (same body, same
     # German tokenizer) so that they differ from ours only in the embedding rows.
     "focus": ("peer:focus", {}, {}),
@@ -106,6 +113,9 @@ RUNS: list[Run] = [
     Run("clp-space8k", "clp-space8k", note="default, helper = text helper space with an 8k vocabulary"),
     Run("clp-original", "clp-original", note="published CLP rule"),
     Run("clp-nocalib", "clp-nocalib", note="default rows without the output calibration"),
+    Run("clp-untied", "clp-untied", note="default rows, head untied (input and output rows train apart)"),
+    Run("fvt-calib", "fvt-calib", note="FVT rows (similarity rows where no pieces) + the default's calibration"),
+    Run("clp-pw0.5", "clp-pw0.5", note="half FVT, half similarity rows, calibrated (auto's runner-up)"),
     Run("focus", "focus", note="peer FOCUS (deepfocus): fastText on helper_train tokenized by the target tokenizer"),
     Run("mergekit-omp", "mergekit-omp", note="peer mergekit-tokensurgeon 0.1.5, -a omp -k 8 (its best k in "
         "bench_omp.py)"),
@@ -208,6 +218,8 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
     method, params, opts = INITS[name]
     if method.startswith("peer:"):
         return stage_peer(a, name, method, params, source, helper, splits, out)
+    if method == "derive:untie":
+        return stage_untie(stage_init(a, params["from"], source, helper, splits), out)
     opts = dict(opts)
     if opts.pop("calib", False):
         opts["calibration_text"] = str(splits / "helper_train.jsonl")
@@ -217,6 +229,32 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
     t = time.perf_counter()
     transfer(str(source), str(helper), str(out), method=method, params=params, seed=0, overwrite=True, **opts)
     (out / ".done").write_text(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
+    return out
+
+
+def stage_untie(init: Path, out: Path) -> Path:
+    """A copy of ``init`` with the tied head untied: the output matrix is a copy of the input one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp, ignore=shutil.ignore_patterns(".done", "*.safetensors", "model.safetensors.index.json"))
+    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    if not model.config.tie_word_embeddings:
+        raise SystemExit(f"run_real.py: {init} is already untied")
+    rows = model.get_input_embeddings().weight.detach().clone()
+    model.config.tie_word_embeddings = False
+    head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+    head.weight = torch.nn.Parameter(rows)
+    model.set_output_embeddings(head)
+    model.save_pretrained(tmp)
+    check = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    assert check.get_output_embeddings().weight.data_ptr() != check.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(check.get_output_embeddings().weight, rows)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    (out / ".done").write_text(json.dumps({"derived": "untie", "from": str(init)}) + "\n")
     return out
 
 
