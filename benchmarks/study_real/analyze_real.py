@@ -16,7 +16,9 @@ Writes ``<results>/study_real.json`` (every figure below, per run and aggregated
 - ``final_test_bpb_new`` / ``final_test_bpb_shared``: the final test bits per byte split by the class of the
   predicted token (new rows / rows shared with the source; they add up to ``final_test``);
 - ``cpt_at_equal_flops``: ``source-cpt``'s dev-subset bits per byte after the training FLOPs this run used
-  (linear between evaluations; its final figure when the run used more) - the equal-compute comparison.
+  (linear between evaluations; its final figure when the run used more) - the equal-compute comparison;
+- ``gap_cpt_<p>pct``: this run's dev-subset bits per byte minus ``source-cpt``'s (mean of its seeds) at the same
+  German bytes, after p = 10 / 25 / 50 / 100% of the budget: whether training closes the gap or widens it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = "source-cpt"
+GAP_POINTS = (10, 25, 50, 100)  # % of the budget at which the gap to source-cpt is read
 
 
 def crossing(curve: list[dict], key: str, level: float) -> float | None:
@@ -61,7 +64,8 @@ def class_bits(score: dict[str, Any], cls: str) -> float | None:
 
 
 def run_figures(r: dict[str, Any], source_level: float | None, target_level: float | None,
-                cpt_need: dict[str, float] | None, cpt_curve: list[dict] | None = None) -> dict[str, Any]:
+                cpt_need: dict[str, float] | None, cpt_curve: list[dict] | None = None,
+                cpt_curves: list[list[dict]] | None = None) -> dict[str, Any]:
     curve = r["curve"]
     total = r["bytes_seen"]
     early = [p for p in curve[1:] if p["bytes"] <= 0.1 * total + 1e-9]
@@ -82,6 +86,10 @@ def run_figures(r: dict[str, Any], source_level: float | None, target_level: flo
         "step0_test_bpb_shared": class_bits(r["step0"]["test"], "shared"),
         "cpt_at_equal_flops": value_at(cpt_curve, "flops", r["train_flops"]) if cpt_curve else None,
     }
+    for pct in GAP_POINTS:
+        x = pct / 100 * total
+        f[f"gap_cpt_{pct}pct"] = (value_at(curve, "bytes", x) - sum(value_at(c, "bytes", x) for c in cpt_curves)
+                                  / len(cpt_curves)) if cpt_curves else None
     hit = crossing(curve, "bytes", source_level) if source_level is not None else None
     f["first_beats_source_kb"] = hit / 1024 if hit is not None else None
     if cpt_need and target_level is not None:
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         cpt_need = {k: statistics.fmean(crossing(r["curve"], k, target_level) or r["curve"][-1][k] for r in base)
                     for k in ("bytes", "flops")}
     cpt_curve = base[0]["curve"] if base else None  # seed 0's curve for the equal-compute comparison
-    per_run = {name: [run_figures(r, source_level, target_level, cpt_need, cpt_curve) for r in rs]
+    cpt_curves = [r["curve"] for r in base] or None
+    per_run = {name: [run_figures(r, source_level, target_level, cpt_need, cpt_curve, cpt_curves) for r in rs]
                for name, rs in runs.items()}
     agg = {name: {k: mean_std([f[k] for f in fs]) for k in fs[0] if k != "worse_in_first_10pct"}
            | {"worse_in_first_10pct": [f["worse_in_first_10pct"] for f in fs]} for name, fs in per_run.items()}
@@ -185,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(g['final_test_bpb_new'], 3)} / {fmt(g['final_test_bpb_shared'], 3)} | "
               f"{fmt(g['final_test_loss_new'], 2)} / {fmt(g['final_test_loss_shared'], 2)} | "
               f"{fmt(g['final_dev_curve'], 3)} | {fmt(g['cpt_at_equal_flops'], 3)} |")
+    print()
+    print("| run | " + " | ".join(f"gap to source-cpt after {p}%" for p in GAP_POINTS) + " |")
+    print("|---|" + "---:|" * len(GAP_POINTS))
+    for n in order:
+        if n == BASELINE:
+            continue
+        print(f"| `{n}` | " + " | ".join(fmt(agg[n][f"gap_cpt_{p}pct"], 3) for p in GAP_POINTS) + " |")
     return 0
 
 
