@@ -43,3 +43,23 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def train_helper_logged(cfg: Any, root: Path, name: str) -> int:
+    """Run ``clp-transfer helper`` on ``cfg`` (a ``HelperConfig``) with its log on stderr and in
+    ``<root>/<name>.log``; 0 on success, 2 with a hint when the splits are missing (the make_* scripts)."""
+    import logging
+
+    from clp_transfer.errors import ClpError
+    from clp_transfer.transfer.helper import train_helper
+
+    root.mkdir(parents=True, exist_ok=True)
+    handlers = [logging.StreamHandler(), logging.FileHandler(root / f"{name}.log", encoding="utf-8")]
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", handlers=handlers)
+    try:
+        train_helper(cfg)
+    except ClpError as e:
+        logging.getLogger(name).error("%s (did you run data.py first?)", e)
+        return 2
+    return 0

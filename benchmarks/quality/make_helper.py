@@ -12,13 +12,11 @@ Runs ``clp-transfer helper`` (``clp_transfer.transfer.helper.train_helper``) on 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from common import cache_dir, splits_dir
+from common import cache_dir, splits_dir, train_helper_logged
 
-from clp_transfer.errors import ClpError
-from clp_transfer.transfer.helper import HelperConfig, train_helper
+from clp_transfer.transfer.helper import HelperConfig
 
 # The helper of CONTEXT.md section 6; peak lr and warm-up sized for the ~600 steps 20 CPU minutes allow.
 SETTINGS = dict(vocab_size=16000, tokenizer_kind="bpe", architecture="gpt2", hidden_size=256, num_layers=4,
@@ -35,20 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     root = cache_dir(a.cache)
-    root.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(), logging.FileHandler(root / "make_helper.log", encoding="utf-8")]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers)
     settings = dict(SETTINGS, torch_compile=not a.no_compile)
     cfg = HelperConfig(text=[str(splits_dir(a.cache) / "helper_train.jsonl")], output_dir=str(root / "helper-de"),
                        time_budget_minutes=a.time_budget_minutes, max_steps=a.max_steps, overwrite=a.overwrite,
                        **settings)
-    try:
-        train_helper(cfg)
-    except ClpError as e:
-        logging.getLogger("make_helper").error("%s (did you run data.py first?)", e)
-        return 2
-    return 0
+    return train_helper_logged(cfg, root, "make_helper")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ test split.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from common import cache_dir, splits_dir
+from common import cache_dir, splits_dir, train_helper_logged
 
-from clp_transfer.errors import ClpError
-from clp_transfer.transfer.helper import HelperConfig, train_helper
+from clp_transfer.transfer.helper import HelperConfig
 
 SETTINGS = dict(vocab_size=12000, tokenizer_kind="bpe", architecture="llama", hidden_size=256, num_layers=4,
                 num_heads=4, block_size=256, batch_size=8, learning_rate=2e-3, warmup_steps=50,
@@ -35,20 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     root = cache_dir(a.cache)
-    root.mkdir(parents=True, exist_ok=True)
-    handlers = [logging.StreamHandler(), logging.FileHandler(root / "make_mixed_source.log", encoding="utf-8")]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", handlers=handlers)
     splits = splits_dir(a.cache)
     cfg = HelperConfig(text=[str(splits / "en_train.jsonl"), str(splits / "helper_train.jsonl")],
                        output_dir=str(root / "mixed-en-de"), max_steps=a.max_steps, overwrite=a.overwrite,
                        **dict(SETTINGS, num_threads=a.threads))
-    try:
-        train_helper(cfg)
-    except ClpError as e:
-        logging.getLogger("make_mixed_source").error("%s (did you run data.py first?)", e)
-        return 2
-    return 0
+    return train_helper_logged(cfg, root, "make_mixed_source")
 
 
 if __name__ == "__main__":
