@@ -125,6 +125,24 @@ def verdict(rows: dict) -> dict:
     return out
 
 
+def table(results: dict) -> str:
+    """The markdown table of docs/research.md (one row per source, test bits per byte)."""
+    lines = ["| source | source itself (own tokenizer) | best single candidate | fvt | clp uncalibrated | clp calibrated | "
+             "auto (choice) | auto - best | auto without text |", "|---|---:|---|---:|---:|---:|---|---:|---:|"]
+    for name, rows in results["sources"].items():
+        v = rows.get("verdict") or {}
+        test = {n: r["scores"]["test"]["bits_per_byte"] for n, r in rows.items() if n != "verdict"}
+        own = results.get("source_itself", {}).get(name, {}).get("source itself", {}).get("test", {})
+
+        def f(n: str) -> str:
+            return f"{test[n]:.4f}" if n in test else "-"
+        lines.append(f"| {name} | {own.get('bits_per_byte', float('nan')):.4f} | {v.get('best_single')} "
+                     f"{v.get('best_single_test', float('nan')):.4f} | {f('fvt')} | {f('clp uncalibrated')} | "
+                     f"{f('clp (calibrated)')} | `{v.get('auto_choice')}` {f('auto')} | "
+                     f"{v.get('auto_minus_best', float('nan')):+.4f} | {f('auto without text')} |")
+    return "\n".join(lines)
+
+
 def make_16mb(cache: Path, path: Path, size: int = 16_000_000) -> Path:
     if path.exists():
         return path
@@ -161,6 +179,7 @@ def main() -> None:
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--sources", nargs="*", default=[])
     p.add_argument("--timing", action="store_true")
+    p.add_argument("--table", action="store_true", help="print the markdown table of the results JSON and stop")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default="/tmp/bench_auto")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_auto.json"))
@@ -173,6 +192,9 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     results = json.loads(out_json.read_text()) if out_json.exists() else {}
+    if a.table:
+        print(table(results))
+        return
     results.setdefault("sources", {})
     results.setdefault("timing", {})
     results.update(commit=git_commit(), helper=str(HELPER.relative_to(REPO)), threads=a.threads,
