@@ -58,8 +58,15 @@ def test_target_text_never_fits_on_its_check_documents(tmp_path, model_factory, 
     fit_streams = {tuple(d) for d in probe.fit_documents}
     for d in check:
         assert tuple([sep] + tok(d, add_special_tokens=False)["input_ids"]) not in fit_streams
-    # without check tokens nothing is held out (the calibration of other methods is unchanged)
-    assert TargetText(src_dir, tok, str(de_text), positions=64).check_documents == []
+    # without check tokens nothing is held out (the calibration of other methods is unchanged) ...
+    whole = TargetText(src_dir, tok, str(de_text), positions=64)
+    assert whole.check_documents == []
+    # ... and all_documents=True gives exactly those statistics: the chosen rows are calibrated as standalone
+    rows = torch.randn(len(tok), 32, generator=torch.Generator().manual_seed(0))
+    h_all, c_all = probe.statistics(rows, all_documents=True)
+    h_std, c_std = whole.statistics(rows)
+    assert torch.equal(c_all, c_std) and torch.allclose(h_all, h_std, atol=1e-6)
+    assert not torch.equal(probe.statistics(rows)[1], c_std)
 
 
 class FakeProbe:
@@ -146,7 +153,7 @@ class FakeScorer:
 
     positions = 8
 
-    def statistics(self, input_rows, positions=None):
+    def statistics(self, input_rows, positions=None, all_documents=False):
         g = torch.Generator().manual_seed(0)
         return torch.randn(positions or self.positions, input_rows.shape[1], generator=g), torch.ones(input_rows.shape[0])
 
@@ -192,10 +199,15 @@ def test_auto_is_the_default_reports_every_candidate_and_is_deterministic(tmp_pa
     assert chosen["scores"].get("check", chosen["scores"]["screen"]) <= best + 1e-9
     a, b = tensors(runs[0].path), tensors(runs[1].path)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # the score is the exact bits per byte of the written model on the check documents (no recalibration here)
+    # the written model is the winner's standalone method on the same text (calibrated on all of it)
+    alone = transfer(str(src_dir), str(hlp_dir), str(tmp_path / "alone"), method=chosen["method"], seed=1,
+                     params=chosen["params"], calibration_text=str(de_text), calibration_tokens=128)
+    c = tensors(alone.path)
+    assert set(a) == set(c) and all(torch.allclose(a[k], c[k], atol=1e-6) for k in a)
+    # an uncalibrated winner's score is the exact bits per byte of the written model on the check documents
     model, tok = AutoModelForCausalLM.from_pretrained(runs[0].path), AutoTokenizer.from_pretrained(runs[0].path)
     probe = TargetText(src_dir, tok, str(de_text), positions=128, check_tokens=300, seed=1)
-    if "check" in chosen["scores"]:
+    if "check" in chosen["scores"] and chosen["params"]["calibrate"] == 0:
         exact = score_documents(model, tok, probe.check_documents, block_size=256, max_tokens=300, progress=False)
         assert exact.bits_per_byte == pytest.approx(chosen["scores"]["check"], abs=2e-4)
 

@@ -80,13 +80,23 @@ def split_check_documents(lengths: list[int], check_tokens: int, seed: int = 0) 
     return sorted(picked)
 
 
+def _token_counts(documents: list[list[int]], vocab: int) -> torch.Tensor:
+    """[vocab] float32: how often each id occurs in ``documents``."""
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for d in documents:
+        counts += torch.bincount(torch.tensor(d, dtype=torch.long), minlength=vocab)[:vocab].double()
+    return counts.float()
+
+
 class TargetText:
     """Target-language text, tokenized once, and the source model that is run on it (loaded on first use).
 
     ``statistics(input_rows)`` gives the calibration's hidden states and token counts (the callable form,
     ``probe(input_rows)``, is the same); ``bits_per_byte(input_rows, output_rows)`` scores a candidate on the
     held-out check documents (``check_tokens`` > 0). Check documents never enter the counts or the hidden
-    states. ``release()`` frees the model.
+    states, except through ``statistics(..., all_documents=True)``: once a choice is made, the chosen rows
+    are calibrated on all of the text, exactly as their standalone method would be. ``release()`` frees
+    the model.
     """
 
     def __init__(self, source_dir: Path, tokenizer: Any, text: str, positions: int = 4096,
@@ -107,10 +117,9 @@ class TargetText:
         self.check_documents = [texts[i] for i in sorted(held)]
         self.check_tokens = sum(len(docs[i]) for i in held)
         self.fit_documents = [d for i, d in enumerate(docs) if i not in held]
-        counts = torch.zeros(len(tokenizer), dtype=torch.float64)
-        for d in self.fit_documents:
-            counts += torch.bincount(torch.tensor(d, dtype=torch.long), minlength=len(tokenizer))[: len(tokenizer)].double()
-        self.counts = counts.float()
+        self.all_documents = docs
+        self.counts = _token_counts(self.fit_documents, len(tokenizer))
+        self.all_counts = self.counts if not held else _token_counts(docs, len(tokenizer))
         self._model = None
 
     def __call__(self, input_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,28 +137,30 @@ class TargetText:
     def release(self) -> None:
         self._model = None
 
-    def _stream(self, positions: int) -> torch.Tensor:
-        """Forward positions from fit documents spread over the whole text (files are often sorted by source),
+    def _stream(self, positions: int, documents: list[list[int]]) -> torch.Tensor:
+        """Forward positions from ``documents`` spread over the whole text (files are often sorted by source),
         at most seq_len tokens of each, in a fixed pseudo-random order."""
         stream: list[int] = []
-        for i in torch.randperm(len(self.fit_documents), generator=torch.Generator().manual_seed(0)).tolist():
-            stream.extend(self.fit_documents[i][: self.seq_len])
+        for i in torch.randperm(len(documents), generator=torch.Generator().manual_seed(0)).tolist():
+            stream.extend(documents[i][: self.seq_len])
             if len(stream) >= positions:
                 break
         return torch.tensor(stream[:positions])
 
-    def statistics(self, input_rows: torch.Tensor, positions: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(hidden [N, d], counts [V_t])`` for the calibration, N = ``positions`` (default: as constructed)."""
+    def statistics(self, input_rows: torch.Tensor, positions: int | None = None,
+                   all_documents: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden [N, d], counts [V_t])`` for the calibration, N = ``positions`` (default: as constructed),
+        from the fit documents, or with ``all_documents`` from the whole text (the check documents too)."""
         model = self.model()
         model.set_input_embeddings(torch.nn.Embedding.from_pretrained(input_rows.float(), freeze=True))
         seq_len = max(1, min(self.seq_len, context_length(model) or self.seq_len))
-        ids = self._stream(positions or self.positions)
+        ids = self._stream(positions or self.positions, self.all_documents if all_documents else self.fit_documents)
         hidden = []
         with torch.inference_mode():
             for start in tqdm(range(0, len(ids), seq_len), desc="calibration pass", unit="seq", leave=False):
                 out = model.base_model(input_ids=ids[start:start + seq_len][None]).last_hidden_state
                 hidden.append(out[0].float())
-        return torch.cat(hidden), self.counts
+        return torch.cat(hidden), self.all_counts if all_documents else self.counts
 
     def bits_per_byte(self, input_rows: torch.Tensor, output_rows: torch.Tensor | None = None,
                       max_tokens: int | None = None) -> float:
