@@ -87,12 +87,16 @@ def _cands(n):
     return cs, built
 
 
-def test_successive_halving_keeps_the_better_half_and_stops_when_one_is_clearly_ahead():
+def test_the_screen_sends_its_best_finalists_on_and_stops_when_one_is_clearly_ahead():
     cs, built = _cands(6)
-    probe = FakeProbe({0: 2.0, 1: 1.5, 2: 1.52, 3: 3.0, 4: 1.51, 5: 2.5}, {0: 0, 1: 0.02, 2: 0, 3: 0, 4: 0, 5: 0})
-    winner = halve(cs, built, probe, screen_tokens=10, check_tokens=40, margin=0.05)
+    probe = FakeProbe({0: 2.0, 1: 1.5, 2: 1.52, 3: 3.0, 4: 1.51, 5: 2.5}, {0: 0, 1: 0.03, 2: 0, 3: 0, 4: 0, 5: 0})
+    winner = halve(cs, built, probe, screen_tokens=10, check_tokens=40, margin=0.05, finalists=3)
     assert winner.name == "c1"  # third on the screen, best on the whole check part
-    assert sorted(k for k, t in probe.calls if t == 40) == [1, 2, 4]  # the better half went on
+    assert sorted(k for k, t in probe.calls if t == 40) == [1, 2, 4]  # the best three went on
+    cs, built = _cands(6)
+    probe = FakeProbe({0: 2.0, 1: 1.5, 2: 1.52, 3: 3.0, 4: 1.51, 5: 2.5}, {0: 0, 1: 0.03, 2: 0, 3: 0, 4: 0, 5: 0})
+    assert halve(cs, built, probe, 10, 40, margin=0.05).name == "c4"  # the default's two finalists: c1 is out
+    assert sorted(k for k, t in probe.calls if t == 40) == [2, 4]
     assert "check" not in cs[3].scores and cs[3].scores["screen"] == 3.0
     cs, built = _cands(3)
     probe = FakeProbe({0: 2.0, 1: 1.0, 2: 1.9}, {0: 0, 1: 0, 2: 0})

@@ -11,9 +11,11 @@ held-out target documents:
    rows, with similarity rows for the tokens no source pieces spell), plus ``omp`` (k = ``omp_k``).
 2. **Calibration strengths**: each family with a strength > 0 is run once over ``fit_positions`` positions
    of the fit documents for the hidden states; every strength is then one cheap shift of the same rows.
-3. **Successive halving** on the check documents (whole documents the fit part never sees): every
+3. **A screen, then finalists** on the check documents (whole documents the fit part never sees): every
    candidate is scored on the first ``screen_tokens`` tokens; unless the leader is ahead by ``margin`` bits
-   per byte, the better half is scored on all ``check_tokens`` tokens. Scores are exact bits per byte
+   per byte, the best ``finalists`` are scored on all ``check_tokens`` tokens. (Two finalists: on every
+   benchmark source the final winner was among the screen's best two, and the screen's ranks 3-4 cost as
+   much to check as the rest of the choice.) Scores are exact bits per byte
    (:meth:`TargetText.bits_per_byte`, the evaluation's scorer), ties go to the earlier candidate.
 4. The winner is rebuilt exactly as its standalone method would be: a calibrated winner is recalibrated on
    the full ``calibration_tokens`` positions of *all* the text, check documents included (they were held
@@ -173,8 +175,9 @@ def build_candidates(problem: EmbeddingProblem, cands: list[Candidate], probe: T
 
 
 def halve(cands: list[Candidate], built: dict[str, EmbeddingSolution], probe: TextProbe, screen_tokens: int,
-          check_tokens: int, margin: float) -> Candidate:
-    """Successive halving: screen everyone, then the better half on the whole check part; the winner."""
+          check_tokens: int, margin: float, finalists: int = 2) -> Candidate:
+    """Screen everyone, then the best ``finalists`` on the whole check part (none when the leader is ahead by
+    more than ``margin``); the winner."""
     alive = [c for c in cands if c.name in built]
     if not alive:
         raise ClpError("auto: no candidate initialisation could be built: " +
@@ -190,7 +193,7 @@ def halve(cands: list[Candidate], built: dict[str, EmbeddingSolution], probe: Te
                  ", ".join(f"{c.name} {c.scores[label]:.4f}" for c in alive))
         if len(alive) == 1 or alive[1].scores[label] - alive[0].scores[label] > margin:
             break
-        alive = alive[: max(2, (len(alive) + 1) // 2)]
+        alive = alive[: max(1, finalists)]
     return alive[0]
 
 
@@ -211,7 +214,7 @@ def choose(problem: EmbeddingProblem, params: dict[str, Any], probe: TextProbe |
     cands = candidates(params)
     built = build_candidates(problem, cands, probe, int(params["fit_positions"]), seed)
     winner = halve(cands, built, probe, int(params["screen_tokens"]), int(params["check_tokens"]),
-                   float(params["margin"]))
+                   float(params["margin"]), int(params["finalists"]))
     solution = built[winner.name]
     if winner.calibrate > 0:
         base = family_rows(problem, [winner], seed)[winner.family]
@@ -219,7 +222,7 @@ def choose(problem: EmbeddingProblem, params: dict[str, Any], probe: TextProbe |
     solution.stats["auto"] = {
         "choice": winner.name, "method": winner.method, "params": winner.params,
         "auto_params": {k: params[k] for k in ("pieces_weights", "calibrate_strengths", "omp_k", "screen_tokens",
-                                               "check_tokens", "fit_positions", "margin")},
+                                               "check_tokens", "fit_positions", "margin", "finalists")},
         "check_tokens": getattr(probe, "check_tokens", None),
         "check_documents": len(getattr(probe, "check_documents", []) or []),
         "candidates": [{"name": c.name, "method": c.method, "params": c.params, "scores": c.scores,

@@ -830,7 +830,7 @@ def omp(problem: EmbeddingProblem, generator: torch.Generator | None = None, k: 
           "with the lowest bits per byte on held-out documents of the target text (clp_transfer.transfer.auto); "
           "without text, half FVT half clp, uncalibrated", needs_helper=True, needs_pieces=True,
           pieces_weights="0,0.5,1", calibrate_strengths="0,1", omp_k=8, screen_tokens=512, check_tokens=2048,
-          fit_positions=1024, margin=0.05)
+          fit_positions=1024, margin=0.05, finalists=2)
 def auto_fallback(problem: EmbeddingProblem, generator: torch.Generator | None = None, **_: Any) -> NewRows:
     """Called directly (no target text to measure on): the fallback rows, half FVT half similarity rows
     (:data:`clp_transfer.transfer.auto.FALLBACK`); :func:`clp_transfer.transfer.embeddings.solve` runs the
@@ -950,6 +950,7 @@ PARAM_RULES: dict[str, ParamRange | tuple[str, ...]] = {
     "check_tokens": ParamRange(1),
     "fit_positions": ParamRange(1),
     "margin": ParamRange(0),
+    "finalists": ParamRange(1),
     "weighting": ("topk_softmax", "topk_uniform", "sparsemax"),
     "init": ("small_init", "xavier_normal", "normal"),
 }
