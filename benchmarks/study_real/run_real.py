@@ -81,6 +81,10 @@ INITS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     # the lever "untie the head": the default's rows, but input and output as two matrices (identical at step 0,
     # so the model is the same; training then moves the output rows without moving the input rows).
     "clp-untied": ("derive:untie", {"from": "clp"}, {}),
+    # FVT rows train better than the similarity mixtures (sitting 5: fvt, clp-nocalib), the calibrated mixtures
+    # predict better at step 0: an untied head with each where it did best - input rows from fvt, the output
+    # matrix from the calibrated default.
+    "fvt-in+clp-out": ("derive:untie", {"from": "clp", "input_from": "fvt"}, {}),
     # the next step docs/results.md named: keep SmolLM2's tokenizer and add the German tokens it lacks (extend
     # mode, issue 18: keep text = en_train, guard 2 - its defaults with a keep text); fewer new rows (8.5k, 32%
     # of German test tokens against 43%), the source's own segmentation everywhere else.
@@ -118,6 +122,7 @@ RUNS: list[Run] = [
     Run("clp-original", "clp-original", note="published CLP rule"),
     Run("clp-nocalib", "clp-nocalib", note="default rows without the output calibration"),
     Run("extend", "extend", note="extend mode: SmolLM2's 49k tokens + 8.5k German ones (keep text en_train, guard 2)"),
+    Run("fvt-in+clp-out", "fvt-in+clp-out", note="untied: FVT input rows, the calibrated default's output rows"),
     Run("clp-untied", "clp-untied", note="default rows, head untied (input and output rows train apart)"),
     Run("fvt-calib", "fvt-calib", note="FVT rows (similarity rows where no pieces) + the default's calibration"),
     Run("clp-pw0.5", "clp-pw0.5", note="half FVT, half similarity rows, calibrated (auto's runner-up)"),
@@ -224,7 +229,8 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
     if method.startswith("peer:"):
         return stage_peer(a, name, method, params, source, helper, splits, out)
     if method == "derive:untie":
-        return stage_untie(stage_init(a, params["from"], source, helper, splits), out)
+        inputs = stage_init(a, params["input_from"], source, helper, splits) if "input_from" in params else None
+        return stage_untie(stage_init(a, params["from"], source, helper, splits), out, inputs)
     opts = dict(opts)
     if opts.pop("calib", False):
         opts["calibration_text"] = str(splits / "helper_train.jsonl")
@@ -239,8 +245,9 @@ def stage_init(a: argparse.Namespace, name: str, source: Path, helper: Path, spl
     return out
 
 
-def stage_untie(init: Path, out: Path) -> Path:
-    """A copy of ``init`` with the tied head untied: the output matrix is a copy of the input one."""
+def stage_untie(init: Path, out: Path, input_init: Path | None = None) -> Path:
+    """A copy of ``init`` with the tied head untied: the output matrix is a copy of the input one; with
+    ``input_init`` (the same tokenizer) the input rows are that model's instead."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -251,6 +258,13 @@ def stage_untie(init: Path, out: Path) -> Path:
     if not model.config.tie_word_embeddings:
         raise SystemExit(f"run_real.py: {init} is already untied")
     rows = model.get_input_embeddings().weight.detach().clone()
+    if input_init is not None:
+        other = AutoModelForCausalLM.from_pretrained(input_init, dtype=torch.float32)
+        if other.get_input_embeddings().weight.shape != rows.shape:
+            raise SystemExit(f"run_real.py: {input_init} and {init} have different vocabularies")
+        model.set_input_embeddings(torch.nn.Embedding.from_pretrained(
+            other.get_input_embeddings().weight.detach().clone(), freeze=False))
+        del other
     model.config.tie_word_embeddings = False
     head = torch.nn.Linear(rows.shape[1], rows.shape[0], bias=False)
     head.weight = torch.nn.Parameter(rows)
@@ -261,7 +275,8 @@ def stage_untie(init: Path, out: Path) -> Path:
     assert torch.equal(check.get_output_embeddings().weight, rows)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    (out / ".done").write_text(json.dumps({"derived": "untie", "from": str(init)}) + "\n")
+    (out / ".done").write_text(json.dumps({"derived": "untie", "from": str(init),
+                                           "input_from": str(input_init) if input_init else None}) + "\n")
     return out
 
 
