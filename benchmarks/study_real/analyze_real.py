@@ -117,6 +117,11 @@ def fmt(agg: dict[str, Any], digits: int = 4, pct: bool = False) -> str:
     return body + ("%" if pct else "")
 
 
+def saved(name: str, g: dict[str, Any], key: str) -> str:
+    """A "saved vs source-cpt" cell; the baseline's own row is the reference (0 by definition)."""
+    return "(reference)" if name == BASELINE else fmt(g.get(key, mean_std([])), 0, True)
+
+
 def plot(runs: dict[str, list[dict]], source_level: float | None, png: Path) -> None:
     import matplotlib
 
@@ -178,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for n in order:
         g = agg[n]
         print(f"| `{n}` | {g['steps']['n']} | {fmt(g['step0_test'])} | {fmt(g['final_test'])} | {fmt(g['final_dev'])} | "
-              f"{fmt(g['first_beats_source_kb'], 0)} | {fmt(g.get('bytes_saved_vs_cpt', mean_std([])), 0, True)} | "
-              f"{fmt(g.get('flops_saved_vs_cpt', mean_std([])), 0, True)} | "
+              f"{fmt(g['first_beats_source_kb'], 0)} | {saved(n, g, 'bytes_saved_vs_cpt')} | "
+              f"{saved(n, g, 'flops_saved_vs_cpt')} | "
               f"{'yes' if any(g['worse_in_first_10pct']) else 'no'} | {fmt(g['tokens_per_word'], 2)} | "
               f"{fmt({k: (v / 1e9 if isinstance(v, float) else v) for k, v in g['train_flops_per_byte'].items()}, 3)} |")
     print()
