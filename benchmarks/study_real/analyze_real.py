@@ -128,20 +128,27 @@ def plot(runs: dict[str, list[dict]], source_level: float | None, png: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, rs in sorted(runs.items()):
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    finals = []
+    for i, (name, rs) in enumerate(sorted(runs.items())):
         r = rs[0]  # first seed: one line per run
         xs = [p["bytes"] / 1024 for p in r["curve"]]
         ys = [p["dev_curve_bpb"] for p in r["curve"]]
-        style = dict(lw=2.5) if name in (BASELINE, "clp") else dict(lw=1, alpha=0.8)
-        ax.plot(xs, ys, "o-", ms=3, label=f"{name} (seed {r['seed']})", **style)
+        finals.append(ys[-1])
+        # more runs than colours: the line style tells apart runs that share a colour
+        style = dict(lw=2.5, ls="-") if name in (BASELINE, "clp") else dict(lw=1.2, alpha=0.85, ls=["-", "--", ":"][i // 10 % 3])
+        ax.plot(xs, ys, marker="o", ms=3, label=f"{name} (seed {r['seed']})", **style)
+    # Some rows start far off the scale (clp-original ~44): the y-axis shows where the comparison happens.
+    top = max(3.0, (source_level or 0) + 1.0)
+    ax.set_ylim(min(finals) - 0.05, top)
+    ax.text(0.01, 0.99, f"starts above {top:.1f} are cut off", transform=ax.transAxes, va="top", fontsize=8)
     if source_level is not None:
         ax.axhline(source_level, color="black", ls="--", lw=1, label="untouched English source")
     ax.set_xlabel("German training text seen (KB)")
     ax.set_ylabel("bits per byte (dev subset, exact)")
     ax.set_title("SmolLM2-135M to German: continued pretraining at equal German bytes")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
