@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from clp_transfer.errors import ClpError
 from clp_transfer.evaluate import score_documents
 from clp_transfer.transfer import transfer
-from clp_transfer.transfer.auto import Candidate, candidates, choose, halve
+from clp_transfer.transfer.auto import Candidate, candidates, choose, screen_and_check
 from clp_transfer.transfer.calibration import TargetText, split_check_documents
 from clp_transfer.transfer.embeddings import build_problem
 from clp_transfer.transfer.methods import EmbeddingSolution, method_params
@@ -90,20 +90,20 @@ def _cands(n):
 def test_the_screen_sends_its_best_finalists_on_and_stops_when_one_is_clearly_ahead():
     cs, built = _cands(6)
     probe = FakeProbe({0: 2.0, 1: 1.5, 2: 1.52, 3: 3.0, 4: 1.51, 5: 2.5}, {0: 0, 1: 0.03, 2: 0, 3: 0, 4: 0, 5: 0})
-    winner = halve(cs, built, probe, screen_tokens=10, check_tokens=40, margin=0.05, finalists=3)
+    winner = screen_and_check(cs, built, probe, screen_tokens=10, check_tokens=40, margin=0.05, finalists=3)
     assert winner.name == "c1"  # third on the screen, best on the whole check part
     assert sorted(k for k, t in probe.calls if t == 40) == [1, 2, 4]  # the best three went on
     cs, built = _cands(6)
     probe = FakeProbe({0: 2.0, 1: 1.5, 2: 1.52, 3: 3.0, 4: 1.51, 5: 2.5}, {0: 0, 1: 0.03, 2: 0, 3: 0, 4: 0, 5: 0})
-    assert halve(cs, built, probe, 10, 40, margin=0.05).name == "c4"  # the default's two finalists: c1 is out
+    assert screen_and_check(cs, built, probe, 10, 40, margin=0.05).name == "c4"  # the default's two finalists: c1 is out
     assert sorted(k for k, t in probe.calls if t == 40) == [2, 4]
     assert "check" not in cs[3].scores and cs[3].scores["screen"] == 3.0
     cs, built = _cands(3)
     probe = FakeProbe({0: 2.0, 1: 1.0, 2: 1.9}, {0: 0, 1: 0, 2: 0})
-    assert halve(cs, built, probe, 10, 40, margin=0.5).name == "c1"
+    assert screen_and_check(cs, built, probe, 10, 40, margin=0.5).name == "c1"
     assert all(t == 10 for _, t in probe.calls)  # ahead by more than the margin: no second round
     cs, built = _cands(3)  # ties go to the earlier candidate
-    assert halve(cs, built, FakeProbe({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0, 1: 0, 2: 0}), 10, 40, 0.05).name == "c0"
+    assert screen_and_check(cs, built, FakeProbe({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0, 1: 0, 2: 0}), 10, 40, 0.05).name == "c0"
 
 
 def test_candidate_grid_follows_the_parameters():

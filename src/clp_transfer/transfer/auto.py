@@ -90,7 +90,7 @@ def candidates(params: dict[str, Any]) -> list[Candidate]:
     weights = parse_number_list("auto", "pieces_weights", params["pieces_weights"])
     strengths = parse_number_list("auto", "calibrate_strengths", params["calibrate_strengths"])
     # pieces_weight 1 is clp's rule, not the fvt method: a token without source pieces keeps its similarity
-    # row instead of fvt's mean row (on the tiny SentencePiece source of bench_auto.py that was the whole gap to the best single candidate).
+    # row instead of fvt's mean row, so the candidate is exactly the standalone `clp` run it names.
     families = [(f"clp(pieces_weight={w:g})", "clp", {"pieces_weight": w}) for w in weights]
     if int(params["omp_k"]) > 0:
         families.append((f"omp(k={int(params['omp_k'])})", "omp", {"k": int(params["omp_k"])}))
@@ -156,10 +156,10 @@ def calibrated(problem: EmbeddingProblem, base: EmbeddingSolution, stats: tuple[
     return calibrate_solution(dataclasses.replace(problem, calibration_hidden=hidden, token_counts=counts), solution)
 
 
-def build_candidates(problem: EmbeddingProblem, cands: list[Candidate], probe: TextProbe, fit_positions: int,
-                     seed: int) -> dict[str, EmbeddingSolution]:
-    """Every candidate's matrices; failures are recorded in ``Candidate.skipped`` and left out."""
-    rows = family_rows(problem, cands, seed)
+def build_candidates(problem: EmbeddingProblem, cands: list[Candidate], rows: dict[str, EmbeddingSolution | str],
+                     probe: TextProbe, fit_positions: int) -> dict[str, EmbeddingSolution]:
+    """Every candidate's matrices from its family's uncalibrated ``rows`` (:func:`family_rows`); failures are
+    recorded in ``Candidate.skipped`` and left out."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     built: dict[str, EmbeddingSolution] = {}
     for c in cands:
@@ -174,7 +174,7 @@ def build_candidates(problem: EmbeddingProblem, cands: list[Candidate], probe: T
     return built
 
 
-def halve(cands: list[Candidate], built: dict[str, EmbeddingSolution], probe: TextProbe, screen_tokens: int,
+def screen_and_check(cands: list[Candidate], built: dict[str, EmbeddingSolution], probe: TextProbe, screen_tokens: int,
           check_tokens: int, margin: float, finalists: int = 2) -> Candidate:
     """Screen everyone, then the best ``finalists`` on the whole check part (none when the leader is ahead by
     more than ``margin``); the winner."""
@@ -212,12 +212,13 @@ def choose(problem: EmbeddingProblem, params: dict[str, Any], probe: TextProbe |
                                   "reason": "no target text: fallback"}
         return solution
     cands = candidates(params)
-    built = build_candidates(problem, cands, probe, int(params["fit_positions"]), seed)
-    winner = halve(cands, built, probe, int(params["screen_tokens"]), int(params["check_tokens"]),
+    rows = family_rows(problem, cands, seed)
+    built = build_candidates(problem, cands, rows, probe, int(params["fit_positions"]))
+    winner = screen_and_check(cands, built, probe, int(params["screen_tokens"]), int(params["check_tokens"]),
                    float(params["margin"]), int(params["finalists"]))
     solution = built[winner.name]
     if winner.calibrate > 0:
-        base = family_rows(problem, [winner], seed)[winner.family]
+        base = rows[winner.family]
         solution = calibrated(problem, base, probe.statistics(base.input, all_documents=True), winner.calibrate)
     solution.stats["auto"] = {
         "choice": winner.name, "method": winner.method, "params": winner.params,
