@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_init_quality import load, score, smollm2_gguf  # noqa: E402
-from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+from common import DEFAULT_CACHE, REPO, ensure_helper, read_jsonl  # noqa: E402
 
 CONTROL = ("<|im_start|>", "<|im_end|>")
 
@@ -82,7 +82,7 @@ def main() -> None:
     from clp_transfer.transfer.pipeline import transfer
 
     cache = Path(args.cache)
-    helper, gguf = cache / "helper-de", smollm2_gguf()
+    helper, gguf = ensure_helper(cache), smollm2_gguf()
     source_dir = resolve_model(str(gguf)).path
     test = [r["text"] for r in read_jsonl(cache / "splits" / "test.jsonl")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-chat-"))

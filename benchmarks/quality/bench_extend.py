@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+from common import DEFAULT_CACHE, REPO, ensure_helper, read_jsonl  # noqa: E402
 
 GUARDS = (0.0, 2.0, 5.0)
 
@@ -130,7 +130,7 @@ def main() -> None:
     from clp_transfer.transfer.pipeline import transfer
 
     cache = Path(a.cache)
-    source, helper = cache / "smollm2-135m", cache / "helper-de"
+    source, helper = cache / "smollm2-135m", ensure_helper(cache)
     if not a.only_source and not (helper / "helper_report.json").is_file():
         sys.exit(f"the helper is not ready: {helper}/helper_report.json is missing (make_helper.py)")
     calib = cache / "splits" / "helper_train.jsonl"

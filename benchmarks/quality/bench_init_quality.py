@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+from common import DEFAULT_CACHE, REPO, ensure_helper, read_jsonl  # noqa: E402
 
 # name -> (method, params); the groups in DEV_SWEEPS are tried on dev and the best of each is kept for test.
 SIM = {"pieces_weight": 0.0, "calibrate": 0.0}  # clp's similarity part alone, uncalibrated (the former default)
@@ -122,7 +122,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     source = Path(args.source) if args.source else smollm2_gguf()
-    helper = Path(args.helper) if args.helper else cache / "helper-de"
+    helper = Path(args.helper) if args.helper else ensure_helper(cache)
     split = {s: [r["text"] for r in read_jsonl(cache / "splits" / f"{s}.jsonl")][: args.max_docs] for s in ("dev", "test")}
     work = cache / "work"
     calib = cache / "splits" / "helper_train.jsonl"  # the only text any data-dependent step may see

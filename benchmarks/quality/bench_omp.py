@@ -19,6 +19,12 @@ same k) run back to back so that they see the same machine load.
     python benchmarks/quality/bench_omp.py --runs "mergekit omp k=8" "ours omp k=8" "mergekit omp k=64" "ours omp k=64" \
         --no-score --output benchmarks/results/bench_omp_speed.json   # a speed rerun of the timed pairs
     python benchmarks/quality/bench_omp.py --runs "ours omp k=8" "mergekit omp k=8" --max-docs 3   # a smoke test
+    python benchmarks/quality/bench_omp.py --runs "mergekit omp k=8" "ours omp k=8" "mergekit omp k=64" "ours omp k=64" \
+        "ours mean (no pursuit)" --no-score --floor --output benchmarks/results/bench_omp_floor_run1.json
+        # the speed pairs, with our time split into: no pursuit / the pursuit's products / the rest
+
+The helper defaults to ``<cache>/helper-de``, copied from the committed ``benchmarks/assets/helper-de-600`` when
+the cache has none.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+from common import DEFAULT_CACHE, REPO, ensure_helper, read_jsonl  # noqa: E402
 
 MERGEKIT = "/work/venvs/mergekit/bin/mergekit-tokensurgeon"
 
@@ -56,6 +62,8 @@ RUNS: dict[str, tuple] = {
     "ours omp k=8 ridge=0.1": ("ours", "omp", {"k": 8, "ridge": 0.1}, False),
     "ours omp k=8 normalize": ("ours", "omp", {"k": 8, "normalize": True}, False),
     "ours omp k=8 calibrated": ("ours", "omp", {"k": 8, "calibrate": 1.0}, True),
+    # the same command computing nothing (the mean of the shared rows): everything but the pursuit (--floor)
+    "ours mean (no pursuit)": ("ours", "mean", {}, False),
 }
 PAIRS = [("ours omp k=8", "mergekit omp k=8"), ("ours omp k=64", "mergekit omp k=64")]
 
@@ -126,6 +134,64 @@ def new_token_ids(source: Path, helper: Path) -> list[int]:
     return list(match.missing_ids)
 
 
+def pursuit_floor(helper: Path, new_ids: list[int], ks: list[int], threads: int, repeats: int = 3) -> dict:
+    """Seconds of the pursuit's correlation products alone, timed in this process: for each k, k bfloat16
+    products [rows, d_h] x [d_h, n'] per block of OMP_BLOCK new tokens, the shapes and the call of
+    ``methods._screen_keys`` (n' = the shared atoms padded to SCREEN_CHUNK). Every exact pursuit scores every
+    atom against every residual at every step; this is that work done as fast as this code does it, with no
+    bookkeeping. The float32 product of the same shapes (mergekit's kind, per block) is timed for reference.
+    Values do not change the time of a dense product, so the operands are random. Best of ``repeats``."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from clp_transfer.transfer.methods import OMP_BLOCK, SCREEN_CHUNK
+
+    torch.set_num_threads(threads)
+    cfg = AutoConfig.from_pretrained(helper)
+    d_h = getattr(cfg, "n_embd", None) or cfg.hidden_size
+    n_atoms = len(AutoTokenizer.from_pretrained(helper)) - len(new_ids)
+    padded = n_atoms + (-n_atoms % SCREEN_CHUNK)
+    blocks = [min(OMP_BLOCK, len(new_ids) - s) for s in range(0, len(new_ids), OMP_BLOCK)]
+    g = torch.Generator().manual_seed(0)
+    atoms_t = torch.randn(d_h, padded, generator=g).to(torch.bfloat16)
+    out = torch.empty(OMP_BLOCK, padded, dtype=torch.bfloat16)
+    r = torch.randn(OMP_BLOCK, d_h, generator=g)
+
+    def once(dtype: torch.dtype) -> float:
+        a = atoms_t if dtype == torch.bfloat16 else atoms_t.float()
+        o = out if dtype == torch.bfloat16 else out.float()
+        t = time.perf_counter()
+        for rows in blocks:
+            low = r[:rows].to(dtype)
+            torch.mm(low, a, out=o[:rows])
+        return time.perf_counter() - t
+
+    per_step = {dt: min(once(dt) for _ in range(repeats)) for dt in (torch.bfloat16, torch.float32)}
+    return {"atoms": n_atoms, "d_h": d_h, "blocks": len(blocks), "threads": threads,
+            "bf16_s_per_step": round(per_step[torch.bfloat16], 4), "f32_s_per_step": round(per_step[torch.float32], 4),
+            "product_s": {str(k): round(k * per_step[torch.bfloat16], 2) for k in ks}}
+
+
+def floor_table(results: dict) -> str:
+    """Markdown: each timed pair's wall time split into everything but the pursuit (the ``mean`` run), the
+    pursuit's products (:func:`pursuit_floor`) and the rest (the pursuit's bookkeeping, the atoms' Gram
+    matrix, the final float64 solve); and what 5x of mergekit's time leaves for that rest."""
+    runs, fl = results["runs"], results["floor"]
+    fixed = runs["ours mean (no pursuit)"]["time"]["wall_s"]
+    lines = [f"Products: {fl['blocks']} blocks, {fl['atoms']} atoms x d_h {fl['d_h']}: one step over every block "
+             f"{fl['bf16_s_per_step'] * 1000:.1f} ms in bfloat16 ({fl['f32_s_per_step'] * 1000:.1f} ms in float32).", "",
+             "| k | mergekit wall s | ours wall s | ratio | no pursuit s | products s | rest s | 5x budget s | "
+             "rest allowed by 5x s |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for a, b in PAIRS:
+        if a in runs and b in runs:
+            k = str(runs[a]["k"])
+            ours, mk, prod = runs[a]["time"]["wall_s"], runs[b]["time"]["wall_s"], fl["product_s"][k]
+            budget = mk / 5
+            lines.append(f"| {k} | {mk:.1f} | {ours:.1f} | {mk / ours:.2f}x | {fixed:.1f} | {prod:.1f} | "
+                         f"{ours - fixed - prod:.1f} | {budget:.1f} | {budget - fixed - prod:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def score_output(path: Path, splits: dict, new_ids: list[int]) -> dict:
     from bench_init_quality import load, score
 
@@ -188,6 +254,9 @@ def main() -> None:
     p.add_argument("--max-docs", type=int, default=None, help="score only the first N documents of each split")
     p.add_argument("--splits", nargs="*", default=["dev", "test"], help="splits to score (test is required)")
     p.add_argument("--work", default=None, help="where outputs go (default: <cache>/work-omp; deleted after scoring)")
+    p.add_argument("--floor", action="store_true",
+                   help="also time the pursuit's products alone and split each timed pair's time (needs the "
+                        "'ours mean (no pursuit)' run)")
     p.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "bench_omp.json"))
     args = p.parse_args()
     unknown = [r for r in args.runs if r not in RUNS]
@@ -198,7 +267,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     source = Path(args.source) if args.source else cache / "smollm2-135m"
-    helper = Path(args.helper) if args.helper else cache / "helper-de"
+    helper = Path(args.helper) if args.helper else ensure_helper(cache)
     if not (helper / "helper_report.json").exists() and not (helper / "config.json").exists():
         raise SystemExit(f"bench_omp: no helper model at {helper} (make_helper.py)")
     calib = cache / "splits" / "helper_train.jsonl"
@@ -248,6 +317,11 @@ def main() -> None:
     if not args.no_score:
         results["table_markdown"] = table(results)
     results["speed_markdown"] = speed_table(results)
+    if args.floor and "ours mean (no pursuit)" in runs:
+        ks = sorted({int(runs[a]["k"]) for a, b in PAIRS if a in runs and b in runs})
+        results["floor"] = pursuit_floor(helper, new_ids, ks, args.threads)
+        results["floor_markdown"] = floor_table(results)
+        print(results["floor_markdown"])
     out_path.write_text(json.dumps(results, indent=2) + "\n")
     print(results.get("table_markdown", ""))
     print(results["speed_markdown"])

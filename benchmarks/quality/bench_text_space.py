@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_init_quality import load, score  # noqa: E402
-from common import DEFAULT_CACHE, REPO, read_jsonl  # noqa: E402
+from common import DEFAULT_CACHE, REPO, ensure_helper, read_jsonl  # noqa: E402
 
 TEMPERATURES = (0.02, 0.05, 0.1)
 
@@ -251,7 +251,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
-    source, helper = cache / "smollm2-135m", cache / "helper-de"
+    source, helper = cache / "smollm2-135m", ensure_helper(cache)
     tokenizer = Path(args.tokenizer) if args.tokenizer else helper
     splits = {s: [r["text"] for r in read_jsonl(cache / "splits" / f"{s}.jsonl")][: args.max_docs]
               for s in ("dev", "test")}

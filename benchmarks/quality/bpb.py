@@ -25,7 +25,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from common import REPO, cache_dir, read_jsonl, set_threads, splits_dir
+from common import REPO, cache_dir, ensure_helper, read_jsonl, set_threads, splits_dir
 
 from clp_transfer.atomic import atomic_write_json
 
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if a.model == "helper":
+        ensure_helper(a.cache)  # the committed helper when the cache has none
     path = cache_dir(a.cache) / NAMED[a.model] if a.model in NAMED else Path(a.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -12,6 +12,18 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO / "benchmarks" / ".cache" / "quality"
 DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
 SPLITS = ("helper_train", "dev", "test", "en_train")
+COMMITTED_HELPER = REPO / "benchmarks" / "assets" / "helper-de-600"
+
+
+def ensure_helper(cache: str | os.PathLike | None = None) -> Path:
+    """``<cache>/helper-de``, the German helper of these benchmarks: copied from the committed
+    ``benchmarks/assets/helper-de-600`` when the cache has none (``make_helper.py`` rebuilds it instead)."""
+    import shutil
+
+    helper = cache_dir(cache) / "helper-de"
+    if not (helper / "helper_report.json").exists() and (COMMITTED_HELPER / "helper_report.json").exists():
+        shutil.copytree(COMMITTED_HELPER, helper, dirs_exist_ok=True)
+    return helper
 
 
 def cache_dir(path: str | os.PathLike | None = None) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_CACHE, read_jsonl  # noqa: E402
+from common import DEFAULT_CACHE, ensure_helper, read_jsonl  # noqa: E402
 from bench_init_quality import smollm2_gguf, score  # noqa: E402
 
 from clp_transfer import build_problem as build_transfer_problem  # noqa: E402
@@ -310,7 +310,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(2)
     cache = DEFAULT_CACHE
-    helper = cache / "helper-de"
+    helper = ensure_helper(cache)
     docs = [r["text"] for r in read_jsonl(cache / "splits" / "dev.jsonl")][::2][: a.max_docs]
     problem, tok = build_problem(smollm2_gguf(), helper)
     work = cache / "work-explore"

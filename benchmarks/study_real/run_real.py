@@ -46,6 +46,7 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO / "benchmarks" / "quality"))
 sys.path.insert(0, str(REPO / "benchmarks" / "study"))
 
+from common import ensure_helper  # noqa: E402  (benchmarks/quality/common.py)
 from data import nbytes  # noqa: E402  (benchmarks/quality/data.py)
 from run_study import read_jsonl, set_threads, write_json  # noqa: E402  (the toy study's helpers)
 
@@ -514,10 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                            "dev": [r["text"] for r in read_jsonl(splits / "dev.jsonl")],
                            "test": [r["text"] for r in read_jsonl(splits / "test.jsonl")]}
     if any(r.init != SOURCE for r in runs):
-        committed = REPO / "benchmarks" / "assets" / "helper-de-600"
-        if not (helper / "helper_report.json").exists() and (committed / "helper_report.json").exists():
-            log.info("helper: copying the committed %s into %s", committed, helper)
-            shutil.copytree(committed, helper, dirs_exist_ok=True)
+        helper = ensure_helper(a.quality_cache)  # the committed helper when the cache has none
         if not (helper / "helper_report.json").exists():
             sys.exit(f"run_real.py: {helper} is missing; make it with: python benchmarks/quality/make_helper.py "
                      "--max_steps 600")
