@@ -139,7 +139,7 @@ def pursuit_floor(helper: Path, new_ids: list[int], ks: list[int], threads: int,
     products [rows, d_h] x [d_h, n'] per block of OMP_BLOCK new tokens, the shapes and the call of
     ``methods._screen_keys`` (n' = the shared atoms padded to SCREEN_CHUNK). Every exact pursuit scores every
     atom against every residual at every step; this is that work done as fast as this code does it, with no
-    bookkeeping. The float32 product of the same shapes (mergekit's kind, per block) is timed for reference.
+    bookkeeping. The same products in float32 (mergekit's precision) are timed for reference.
     Values do not change the time of a dense product, so the operands are random. Best of ``repeats``."""
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -262,6 +262,8 @@ def main() -> None:
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         raise SystemExit(f"bench_omp: unknown runs {unknown}; choose from {list(RUNS)}")
+    if args.floor and "ours mean (no pursuit)" not in args.runs:
+        raise SystemExit("bench_omp: --floor needs the run 'ours mean (no pursuit)' (add it to --runs)")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -317,7 +319,7 @@ def main() -> None:
     if not args.no_score:
         results["table_markdown"] = table(results)
     results["speed_markdown"] = speed_table(results)
-    if args.floor and "ours mean (no pursuit)" in runs:
+    if args.floor:
         ks = sorted({int(runs[a]["k"]) for a, b in PAIRS if a in runs and b in runs})
         results["floor"] = pursuit_floor(helper, new_ids, ks, args.threads)
         results["floor_markdown"] = floor_table(results)
