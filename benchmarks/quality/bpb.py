@@ -105,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if a.model == "helper":
-        ensure_helper(a.cache)  # the committed helper when the cache has none
-    path = cache_dir(a.cache) / NAMED[a.model] if a.model in NAMED else Path(a.model)
+        path = ensure_helper(a.cache)  # the committed helper when the cache has none
+    else:
+        path = cache_dir(a.cache) / NAMED[a.model] if a.model in NAMED else Path(a.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 1024)

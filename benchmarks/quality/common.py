@@ -17,12 +17,19 @@ COMMITTED_HELPER = REPO / "benchmarks" / "assets" / "helper-de-600"
 
 def ensure_helper(cache: str | os.PathLike | None = None) -> Path:
     """``<cache>/helper-de``, the German helper of these benchmarks: copied from the committed
-    ``benchmarks/assets/helper-de-600`` when the cache has none (``make_helper.py`` rebuilds it instead)."""
+    ``benchmarks/assets/helper-de-600`` when the cache has none (``make_helper.py`` rebuilds it instead).
+    The copy is made in a temporary directory and renamed into place, so an interrupted copy leaves no
+    half helper behind; concurrent benchmark jobs wait for each other's copy."""
+    import logging
     import shutil
+
+    from clp_transfer.atomic import atomic_directory
 
     helper = cache_dir(cache) / "helper-de"
     if not (helper / "helper_report.json").exists() and (COMMITTED_HELPER / "helper_report.json").exists():
-        shutil.copytree(COMMITTED_HELPER, helper, dirs_exist_ok=True)
+        logging.getLogger(__name__).info("helper: copying the committed %s into %s", COMMITTED_HELPER, helper)
+        with atomic_directory(helper, overwrite=True, wait=True) as tmp:
+            shutil.copytree(COMMITTED_HELPER, tmp, dirs_exist_ok=True)
     return helper
 
 

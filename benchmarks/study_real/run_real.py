@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                            "dev": [r["text"] for r in read_jsonl(splits / "dev.jsonl")],
                            "test": [r["text"] for r in read_jsonl(splits / "test.jsonl")]}
     if any(r.init != SOURCE for r in runs):
-        helper = ensure_helper(a.quality_cache)  # the committed helper when the cache has none
+        ensure_helper(a.quality_cache)  # the committed helper when the cache has none (ctx['helper'])
         if not (helper / "helper_report.json").exists():
             sys.exit(f"run_real.py: {helper} is missing; make it with: python benchmarks/quality/make_helper.py "
                      "--max_steps 600")
